@@ -1,0 +1,50 @@
+"""Validate a recipe (and its DeepSpeed config) and print what it resolves to.
+
+Every problem is listed with its key path; the exit code is 2 when there is any. Overrides are
+``key.path=value`` pairs, as for `rmpl-ds train`:
+
+    rmpl-ds check launch/recipes/rmpl_qwen2vl_7b.yaml stages.stage2.lr=2e-5 --gpus 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "validate a recipe and show its stages and batch arithmetic"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    parser.add_argument("--gpus", type=int, default=None, help="world size to check against (default: the recipe's)")
+    parser.add_argument("--json", action="store_true", help="print the resolved recipe as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rmpl_ds.config import batch_plan, load_recipe, to_dict
+    from rmpl_ds.ds_config import load_ds_config
+
+    recipe = load_recipe(args.recipe, args.overrides, world_size=args.gpus)
+    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    world = args.gpus or recipe.launch.world_size
+    if args.json:
+        print(json.dumps(to_dict(recipe), indent=2))
+        return 0
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    print(f"recipe {recipe.name}: {recipe.model.family} ({recipe.model.mode}) from {recipe.model.path}")
+    print(f"  world size {world}, ZeRO-{zero} ({recipe.launch.deepspeed_config}), output {recipe.out_dir()}")
+    for stage in recipe.stages:
+        plan = batch_plan(stage.global_batch, stage.micro_batch, world)
+        total = sum(stream.weight for stream in stage.mixture)
+        mix = ", ".join(f"{s.name} {s.weight / total:.3f}" for s in stage.mixture)
+        print(
+            f"  {stage.name}: {stage.steps} steps, lr {stage.lr:g} ({stage.schedule}, warmup {stage.warmup_steps}), "
+            f"init from {stage.init_from or 'the base model'}"
+        )
+        print(
+            f"    batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} "
+            f"x world {plan.world_size}; mixture {mix}"
+        )
+    print("ok")
+    return 0

@@ -1,0 +1,633 @@
+"""Recipes: one YAML file describes a whole pipeline (model, sources, ordered stages, launch, logging, eval).
+
+A recipe is loaded into frozen, typed dataclasses. Loading is strict: unknown keys, wrong types and
+inconsistent values are all collected and reported at once, each with its key path and the file, e.g.::
+
+    launch/recipes/bad.yaml: 2 problems:
+      stages[1].mixture[2].weight: must be > 0, got -1
+      stages[0].global_batch: 16 is not divisible by micro_batch 3 x world size 2 (= 6)
+
+Command-line overrides are ``key.path=value`` pairs applied to the YAML before validation. A list element is
+addressed by index (``stages[1].lr=3e-5`` or ``stages.1.lr=3e-5``) or, for stages, by name
+(``stages.stage2.lr=3e-5``). Values are parsed as YAML scalars (``3e-5``, ``true``, ``[q_proj, v_proj]``).
+
+Batch arithmetic lives in :func:`batch_plan`: ``global = micro x accumulation x world``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from rmpl_ds.errors import ConfigError, UserError
+
+Task = Literal["t", "i", "r", "EM", "AR"]
+# Backbone family names: rmpl_ds.backbones maps each to its adapter; the names live here so that loading a
+# recipe never imports torch or transformers.
+Family = Literal["qwen2-vl", "qwen3-vl", "internvl3_5"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+FAMILIES: tuple[str, ...] = typing.get_args(Family)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyperparameters; ``targets: null`` means the family's default language-model projections."""
+
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    targets: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: a registered family, a local HF directory, and how it is trained."""
+
+    family: Family
+    path: str
+    mode: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train_vision_tower: bool = False
+    train_projector: bool = False
+    image_size: int = 512
+    max_image_tokens: int | None = None
+    max_seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One stream of a stage's mixture: a source rendered for a task, drawn with a sampling weight.
+
+    ``loss_weight`` scales the stream's loss (the paper weights by sampling ratio only, so it defaults to 1).
+    """
+
+    source: str
+    task: Task
+    weight: float
+    loss_weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}:{self.task}"
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """From optimizer step ``start_step`` on, the mixture weights become ``weights`` (stream name -> weight)."""
+
+    start_step: int
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage = one launcher run.
+
+    ``init_from`` is ``null`` (start from the base model) or the name of an earlier stage whose export this
+    stage starts from.
+    """
+
+    name: str
+    mixture: tuple[StreamConfig, ...]
+    steps: int
+    lr: float
+    init_from: str | None = None
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    global_batch: int = 16
+    micro_batch: int = 1
+    seed: int = 42
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    window_tolerance: float = 1.0
+    max_bad_steps: int = 5
+    export: Literal["merged", "adapter"] = "merged"
+    phases: tuple[PhaseConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where and how the stage runs: ranks per node, nodes, the DeepSpeed config, data loader workers."""
+
+    gpus: int = 2
+    nodes: int = 1
+    deepspeed_config: str = "ds_configs/zero2.json"
+    num_workers: int = 2
+    hostfile: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every: int = 1
+    console_every: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """M2E2 evaluation after the stages (``m2e2`` is the raw M2E2 directory; images under ``images``)."""
+
+    m2e2: str | None = None
+    images: str | None = None
+    settings: tuple[Literal["text", "image", "multimedia"], ...] = ("text", "image", "multimedia")
+    batch_size: int = 4
+    max_new_tokens: int = 128
+    iou_threshold: float = 0.5
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole pipeline. ``sources`` maps a source name to its shard directory."""
+
+    name: str
+    model: ModelConfig
+    sources: dict[str, str]
+    stages: tuple[StageConfig, ...]
+    output_dir: str = "runs/{name}"
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise UserError(f"recipe {self.name!r} has no stage {name!r}; its stages are {[s.name for s in self.stages]}")
+
+    def out_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+# --------------------------------------------------------------------------------------------- batch arithmetic
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is split: ``global_batch = micro_batch x accumulation x world_size``."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    accumulation: int
+
+
+def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> BatchPlan:
+    """The one place where batch sizes are related; raises UserError for an impossible combination."""
+    problems = _batch_problems(global_batch, micro_batch, world_size)
+    if problems:
+        raise UserError(f"global batch {problems[0]}")
+    return BatchPlan(global_batch, micro_batch, world_size, global_batch // (micro_batch * world_size))
+
+
+def _batch_problems(global_batch: int, micro_batch: int, world_size: int) -> list[str]:
+    if global_batch < 1 or micro_batch < 1 or world_size < 1:
+        return [f"global batch {global_batch}, micro batch {micro_batch} and world size {world_size} must all be >= 1"]
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        per_rank = global_batch // world_size if global_batch % world_size == 0 else 0
+        hint = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        fix = f"micro batches that work: {hint}" if hint else f"make it a multiple of world size {world_size}"
+        return [
+            f"{global_batch} is not divisible by micro batch {micro_batch} x world size {world_size} "
+            f"(= {per_step}); {fix}"
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), world_size: int | None = None) -> Recipe:
+    """Load, override and validate a recipe; every problem is reported in one ConfigError.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+        world_size: the number of ranks the run will use, when known (defaults to launch.gpus x launch.nodes);
+            the batch arithmetic of every stage is checked against it.
+    """
+    path = Path(path)
+    source = str(path)
+    raw = _read_yaml(path)
+    return recipe_from_dict(raw, source=source, overrides=overrides, world_size=world_size)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """Parse a recipe file, resolving ``extends: other.yaml`` (a path relative to this file) recursively.
+
+    The child's keys are deep-merged over the parent's: mappings merge, anything else (lists included)
+    replaces. ``extends`` is resolved before validation, so key paths in errors refer to the merged recipe.
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{source}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{source}: cannot read recipe: {error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserError(f"{source}{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    parent_name = raw.pop("extends")
+    if not isinstance(parent_name, str):
+        raise ConfigError(source, [f"extends: expected a file name, got {_type_name(parent_name)}"])
+    parent = (path.parent / parent_name).resolve()
+    if parent in chain or parent == path.resolve():
+        raise ConfigError(source, [f"extends: {parent_name!r} makes a cycle ({' -> '.join(map(str, chain))})"])
+    if not parent.is_file():
+        raise ConfigError(source, [f"extends: {parent_name!r} not found (looked for {parent})"])
+    base = _read_yaml(parent, (*chain, path.resolve()))
+    if not isinstance(base, dict):
+        raise ConfigError(str(parent), [f"<top>: expected a mapping, got {_type_name(base)}"])
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def recipe_from_dict(
+    raw: Any, *, source: str = "<recipe>", overrides: Sequence[str] = (), world_size: int | None = None
+) -> Recipe:
+    """Validate an already-parsed recipe mapping (see :func:`load_recipe`)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"<top>: expected a mapping, got {_type_name(raw)}"])
+    raw = apply_overrides(raw, overrides, source=source)
+    problems = Problems()
+    recipe = _load(Recipe, raw, "", problems)
+    validate(recipe, world_size=world_size, problems=problems)
+    if problems:
+        raise ConfigError(source, problems.messages())
+    return recipe
+
+
+class Problems:
+    """Collects ``key.path: message`` problems.
+
+    Type problems found while loading mark their key as bad; a later cross-field check on a bad key (or one
+    below it, or one that depends on it) is skipped, so each problem is reported once and only real ones.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, str]] = []
+        self._bad: set[str] = set()
+
+    def type_error(self, key: str, message: str) -> None:
+        self._items.append((key, message))
+        self._bad.add(key)
+
+    def add(self, key: str, message: str, *, depends: tuple[str, ...] = ()) -> None:
+        if not any(self.is_bad(k) for k in (key, *depends)):
+            self._items.append((key, message))
+
+    def is_bad(self, key: str) -> bool:
+        return any(key == bad or key.startswith((bad + ".", bad + "[")) for bad in self._bad)
+
+    def messages(self) -> list[str]:
+        return [f"{key or '<top>'}: {message}" if key else message for key, message in self._items]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
+def validate(recipe: Recipe, world_size: int | None = None, problems: Problems | None = None) -> list[str]:
+    """Cross-field rules; returns every problem as ``key.path: message`` (and adds them to ``problems``)."""
+    problems = problems if problems is not None else Problems()
+    add = problems.add
+    model, launch, evaluation = recipe.model, recipe.launch, recipe.evaluation
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", str(recipe.name)):
+        add("name", f"must be non-empty letters, digits, '.', '_' or '-', got {recipe.name!r}")
+    _positive(problems, "model.lora.rank", model.lora.rank)
+    _positive(problems, "model.lora.alpha", model.lora.alpha)
+    if not 0 <= model.lora.dropout < 1:
+        add("model.lora.dropout", f"must be in [0, 1), got {model.lora.dropout}")
+    _positive(problems, "model.image_size", model.image_size)
+    _positive(problems, "model.max_seq_len", model.max_seq_len)
+    if model.max_image_tokens is not None:
+        _positive(problems, "model.max_image_tokens", model.max_image_tokens)
+    if model.mode == "qlora" and model.dtype != "bf16":
+        add("model.dtype", "qlora computes in bf16; set dtype: bf16", depends=("model.mode",))
+    if not recipe.sources:
+        add("sources", "at least one source is required")
+    _positive(problems, "launch.gpus", launch.gpus)
+    _positive(problems, "launch.nodes", launch.nodes)
+    if launch.num_workers < 0:
+        add("launch.num_workers", f"must be >= 0, got {launch.num_workers}")
+    _positive(problems, "logging.log_every", recipe.logging.log_every)
+    _positive(problems, "logging.console_every", recipe.logging.console_every)
+    _positive(problems, "evaluation.batch_size", evaluation.batch_size)
+    _positive(problems, "evaluation.max_new_tokens", evaluation.max_new_tokens)
+    if not 0 < evaluation.iou_threshold <= 1:
+        add("evaluation.iou_threshold", f"must be in (0, 1], got {evaluation.iou_threshold}")
+
+    if world_size is not None:
+        world, world_keys = world_size, ()
+    else:
+        world, world_keys = launch.world_size, ("launch.gpus", "launch.nodes")
+    if not recipe.stages:
+        add("stages", "at least one stage is required")
+    earlier: dict[str, int] = {}
+    for index, stage in enumerate(recipe.stages):
+        key = f"stages[{index}]"
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(stage.name)):
+            add(f"{key}.name", f"must be non-empty letters, digits, '.', '_' or '-', got {stage.name!r}")
+        elif stage.name in earlier:
+            add(f"{key}.name", f"duplicate stage name {stage.name!r} (also stages[{earlier[stage.name]}])")
+        if stage.init_from is not None and stage.init_from not in earlier:
+            later = [s.name for s in recipe.stages[index:]]
+            why = "is this stage or a later one" if stage.init_from in later else "is not a stage of this recipe"
+            add(f"{key}.init_from", f"{stage.init_from!r} {why}; it must name an earlier stage or be null")
+        earlier.setdefault(stage.name, index)
+        _validate_stage(stage, key, recipe, world, world_keys, problems)
+    return problems.messages()
+
+
+def _validate_stage(
+    stage: StageConfig, key: str, recipe: Recipe, world: int, world_keys: tuple[str, ...], problems: Problems
+) -> None:
+    add = problems.add
+    if not stage.mixture:
+        add(f"{key}.mixture", "at least one stream is required")
+    streams: dict[str, int] = {}
+    for j, stream in enumerate(stage.mixture):
+        skey = f"{key}.mixture[{j}]"
+        if stream.source not in recipe.sources:
+            add(f"{skey}.source", f"{stream.source!r} is not in sources {sorted(recipe.sources)}", depends=("sources",))
+        if not stream.weight > 0:
+            add(f"{skey}.weight", f"must be > 0, got {_fmt(stream.weight)}")
+        if not stream.loss_weight >= 0:
+            add(f"{skey}.loss_weight", f"must be >= 0, got {_fmt(stream.loss_weight)}")
+        if stream.name in streams:
+            add(skey, f"duplicate stream {stream.name!r} (also {key}.mixture[{streams[stream.name]}])")
+        streams.setdefault(stream.name, j)
+    _positive(problems, f"{key}.steps", stage.steps)
+    _positive(problems, f"{key}.lr", stage.lr)
+    if not 0 <= stage.warmup_steps <= max(stage.steps, 0):
+        add(f"{key}.warmup_steps", f"must be in [0, steps={stage.steps}], got {stage.warmup_steps}")
+    if not 0 <= stage.min_lr_ratio <= 1:
+        add(f"{key}.min_lr_ratio", f"must be in [0, 1], got {stage.min_lr_ratio}")
+    if not stage.weight_decay >= 0:
+        add(f"{key}.weight_decay", f"must be >= 0, got {stage.weight_decay}")
+    if not stage.grad_clip >= 0:
+        add(f"{key}.grad_clip", f"must be >= 0 (0 disables clipping), got {stage.grad_clip}")
+    for name in ("checkpoint_every", "keep_last", "max_bad_steps", "window_tolerance"):
+        _positive(problems, f"{key}.{name}", getattr(stage, name))
+    if stage.seed < 0:
+        add(f"{key}.seed", f"must be >= 0, got {stage.seed}")
+    for message in _batch_problems(stage.global_batch, stage.micro_batch, world):
+        add(f"{key}.global_batch", message, depends=(f"{key}.micro_batch", *world_keys))
+    previous = -1
+    for j, phase in enumerate(stage.phases):
+        pkey = f"{key}.phases[{j}]"
+        if not (0 <= phase.start_step < stage.steps and phase.start_step > previous):
+            add(f"{pkey}.start_step", f"must increase and lie in [0, steps={stage.steps}), got {phase.start_step}")
+        previous = phase.start_step
+        for stream_name, weight in phase.weights.items():
+            if stream_name not in streams:
+                add(f"{pkey}.weights.{stream_name}", f"not a stream of this stage ({sorted(streams)})")
+            elif not weight >= 0:
+                add(f"{pkey}.weights.{stream_name}", f"must be >= 0, got {weight}")
+        if phase.weights and not any(w > 0 for w in phase.weights.values()):
+            add(f"{pkey}.weights", "at least one weight must be > 0")
+
+
+def _positive(problems: Problems, key: str, value: int | float) -> None:
+    if not value > 0:
+        problems.add(key, f"must be > 0, got {_fmt(value)}")
+
+
+def _fmt(value: Any) -> str:
+    """Numbers as a person wrote them: -1.0 -> -1, 1e-05 -> 1e-05."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------- overrides
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str = "<recipe>") -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.path=value`` override applied (see the module docstring)."""
+    if not overrides:
+        return raw
+    data = json.loads(json.dumps(raw, default=str))  # a deep copy the caller's mapping never sees
+    problems = []
+    for override in overrides:
+        if "=" not in override:
+            problems.append(f"override {override!r}: expected key.path=value")
+            continue
+        dotted, _, text = override.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        try:
+            _set_path(data, _split_path(dotted.strip()), value)
+        except (KeyError, IndexError, TypeError) as error:
+            problems.append(f"override {override!r}: {error.args[0] if error.args else error}")
+    if problems:
+        raise ConfigError(source, problems)
+    return data
+
+
+def _split_path(dotted: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in dotted.split("."):
+        name = _INDEX.split(piece)
+        if name[0]:
+            parts.append(int(name[0]) if name[0].isdigit() else name[0])
+        parts += [int(i) for i in name[1::2]]
+    if not parts:
+        raise KeyError("empty key path")
+    return parts
+
+
+def _set_path(data: Any, parts: list[str | int], value: Any) -> None:
+    node = data
+    walked = ""
+    for position, part in enumerate(parts):
+        last = position == len(parts) - 1
+        if isinstance(node, list):
+            if isinstance(part, str):  # a list of named items (stages) addressed by name
+                matches = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part]
+                if not matches:
+                    raise KeyError(f"{walked or '<top>'} has no item named {part!r}")
+                part = matches[0]
+            if not 0 <= part < len(node):
+                raise IndexError(f"{walked or '<top>'}[{part}] is out of range (length {len(node)})")
+            walked += f"[{part}]"
+        elif isinstance(node, dict):
+            if isinstance(part, int):
+                part = str(part)
+            walked += f".{part}" if walked else part
+        else:
+            raise TypeError(f"{walked} is a {_type_name(node)}, not a mapping or list")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+# ------------------------------------------------------------------------------------------ typed construction
+
+
+def _type_name(value: Any) -> str:
+    return {type(None): "null", dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _load(hint: Any, value: Any, key: str, problems: Problems) -> Any:
+    """Build ``hint`` from YAML data.
+
+    Every mismatch is recorded as a type problem at its key path and replaced by a placeholder of the right
+    type, so loading always finishes and the cross-field checks still run on everything that was valid.
+    """
+    where = key or "<top>"
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            problems.type_error(key, f"expected a mapping, got {_type_name(value)}")
+            value = {}
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        hints = typing.get_type_hints(hint)
+        for unknown in sorted(set(value) - set(fields), key=str):
+            problems.type_error(_join(key, unknown), f"unknown key{_close_match(str(unknown), fields)}")
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _load(hints[name], value[name], _join(key, name), problems)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.type_error(_join(key, name), "required key is missing")
+                kwargs[name] = _placeholder(hints[name])
+        return hint(**kwargs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _load(inner, value, key, problems)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            problems.type_error(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+            return choices[0]
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            problems.type_error(key, f"expected a list, got {_type_name(value)}")
+            return ()
+        (inner, _) = typing.get_args(hint)
+        return tuple(_load(inner, item, f"{where}[{i}]", problems) for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.type_error(key, f"expected a mapping, got {_type_name(value)}")
+            return {}
+        _, inner = typing.get_args(hint)
+        return {str(k): _load(inner, v, _join(key, k), problems) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        problems.type_error(key, f"expected true or false, got {value!r}")
+        return False
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.type_error(key, f"expected an integer, got {value!r}")
+        return 0
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; accept it when it is a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.type_error(key, f"expected a number, got {value!r}")
+        return 0.0
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        problems.type_error(key, f"expected a string, got {_type_name(value)} {value!r}")
+        return ""
+    raise TypeError(f"unsupported recipe field type {hint!r} at {where}")  # a bug in this module, not user input
+
+
+def _placeholder(hint: Any) -> Any:
+    """A value of the right type for a missing required field (never reported: its key is already bad)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _load(hint, {}, "", Problems())
+    if origin is Literal:
+        return typing.get_args(hint)[0]
+    if origin is tuple:
+        return ()
+    if origin is dict:
+        return {}
+    return {int: 0, float: 0.0, str: "", bool: False}.get(hint)
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _close_match(name: str, fields: dict[str, Any]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(fields), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else f" (known keys: {', '.join(fields)})"
+
+
+# ------------------------------------------------------------------------------------------------- utilities
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe (or any part of it) as plain YAML/JSON data, tuples as lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(item) for item in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of a recipe or a part of it (e.g. one stage)."""
+    canonical = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

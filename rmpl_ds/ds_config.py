@@ -1,0 +1,96 @@
+"""DeepSpeed JSON configs: load, check, and fill the values the recipe owns.
+
+The files in ds_configs/ hold what is about the hardware (ZeRO stage, buckets, offload); the values the
+recipe owns are ``"auto"`` and :func:`fill` replaces them from one stage's batch plan and hyperparameters,
+so no hyperparameter lives in two places. Buckets are 5e7 elements (100 MB in bf16) rather than DeepSpeed's
+5e8 defaults, which hold about 1 GB each on a 24 GB card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rmpl_ds.config import BatchPlan, StageConfig
+from rmpl_ds.errors import ConfigError, UserError
+
+# Keys the recipe owns: each must be "auto" (or absent) in a config file.
+RECIPE_OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16.enabled",
+)
+# The optimizer and scheduler are built by the engine from the recipe (torch AdamW + warmup/cosine), so a
+# config that names its own would silently win over the recipe.
+FORBIDDEN = ("optimizer", "scheduler", "fp16.enabled")
+SUPPORTED_STAGES = (0, 1, 2)
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a DeepSpeed config file; every problem is reported in one ConfigError."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    problems = check_ds_config(config)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def check_ds_config(config: Any) -> list[str]:
+    if not isinstance(config, dict):
+        return ["<top>: expected a JSON object"]
+    problems = []
+    for dotted in RECIPE_OWNED:
+        value = _get(config, dotted)
+        if value not in (None, "auto"):
+            problems.append(f'{dotted}: the recipe owns this value; set it to "auto", got {value!r}')
+    problems += [f"{key}: not allowed here (the recipe configures it)" for key in FORBIDDEN if _get(config, key)]
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return [*problems, "zero_optimization: expected an object"]
+    stage = zero.get("stage", 0)
+    if stage not in SUPPORTED_STAGES:
+        problems.append(
+            f"zero_optimization.stage: {stage!r} is not supported; use 2 (ZeRO-3 shards the frozen 4-bit base "
+            "weights, which bitsandbytes QLoRA cannot do, and is not needed for LoRA on 24 GB cards)"
+        )
+    for bucket in ("reduce_bucket_size", "allgather_bucket_size"):
+        value = zero.get(bucket)
+        if value is not None and not (isinstance(value, int | float) and value > 0):
+            problems.append(f"zero_optimization.{bucket}: must be a positive number, got {value!r}")
+    offload = zero.get("offload_optimizer")
+    if offload is not None and (not isinstance(offload, dict) or offload.get("device") not in ("cpu", "none")):
+        problems.append('zero_optimization.offload_optimizer.device: must be "cpu" or "none"')
+    return problems
+
+
+def fill(config: dict[str, Any], stage: StageConfig, plan: BatchPlan, *, bf16: bool) -> dict[str, Any]:
+    """A copy of ``config`` with every recipe-owned value set from ``stage`` and its batch ``plan``."""
+    filled = json.loads(json.dumps(config))
+    filled["train_batch_size"] = plan.global_batch
+    filled["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    filled["gradient_accumulation_steps"] = plan.accumulation
+    filled["gradient_clipping"] = stage.grad_clip
+    filled.setdefault("bf16", {})["enabled"] = bf16
+    return filled
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
