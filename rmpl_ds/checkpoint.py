@@ -49,11 +49,11 @@ class CheckpointRef:
         return self.root / self.tag
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file under ``directory`` (relative path -> hex), our marker excluded."""
+def file_hashes(directory: Path, exclude: str = MARKER) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (relative path -> hex), except the seal file ``exclude``."""
     hashes = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MARKER:
+        if path.is_file() and path.relative_to(directory).as_posix() != exclude:
             digest = hashlib.sha256()
             with path.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):
@@ -86,9 +86,10 @@ def save(
         engine.save_checkpoint(
             str(root), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=trainable_only
         )
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports unwritable targets as RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise UserError(
-            f"cannot write checkpoint {root / tag}: {error.strerror or error} "
+            f"cannot write checkpoint {root / tag}: {reason} "
             f"(earlier checkpoints in {root} are intact; free space or choose another --out)"
         ) from error
     dist.barrier()

@@ -69,7 +69,7 @@ def write_export(
             "base_model": base_model,
             "lineage": lineage(recipe, stage_name),
             "fingerprint": lineage_fingerprint(recipe, stage_name),
-            "files": file_hashes(tmp),
+            "files": file_hashes(tmp, exclude=MANIFEST),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
@@ -115,7 +115,7 @@ def verify_export(directory: Path, recipe: Recipe, stage_name: str) -> dict[str,
             f"this recipe's is {expected[:12]}): the model, sources or settings of {manifest.get('lineage')} changed; "
             "re-run that stage or point init_from at the right one"
         )
-    actual = file_hashes(directory)
+    actual = file_hashes(directory, exclude=MANIFEST)
     for name in sorted(set(manifest["files"]) | set(actual)):
         if manifest["files"].get(name) != actual.get(name):
             what = (

@@ -1,0 +1,246 @@
+"""Engine pieces on their own: schedule, per-stream loss, signals, RNG state, sealed checkpoints, the hand-off.
+
+Checkpoints go through a real single-process DeepSpeed ZeRO-2 engine (CPU accelerator, gloo); the 2-rank runs of
+the whole stage are in test_train.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from rmpl_ds import checkpoint, handoff
+from rmpl_ds.config import recipe_from_dict
+from rmpl_ds.engine import (
+    GracefulStop,
+    build_optimizer,
+    capture_rng,
+    lr_factor,
+    restore_rng,
+    stream_loss,
+)
+from rmpl_ds.errors import UserError
+
+
+def recipe(**stage_changes):
+    stage = {
+        "name": "stage1",
+        "mixture": [{"source": "ace", "task": "t", "weight": 1}],
+        "steps": 10,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "global_batch": 2,
+        "micro_batch": 1,
+        **stage_changes,
+    }
+    second = {**stage, "name": "stage2", "init_from": "stage1"}
+    return recipe_from_dict(
+        {
+            "name": "unit",
+            "model": {"family": "qwen2-vl", "path": "m"},
+            "sources": {"ace": "s"},
+            "stages": [stage, second],
+            "launch": {"gpus": 1},
+        }
+    )
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor() -> None:
+    stage = recipe(min_lr_ratio=0.1).stages[0]
+    factors = [lr_factor(step, stage) for step in range(stage.steps)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
+    assert lr_factor(stage.steps, stage) == pytest.approx(0.1)
+    linear = recipe(schedule="linear").stages[0]
+    assert lr_factor(6, linear) == pytest.approx(0.5)
+    assert lr_factor(7, recipe(schedule="constant").stages[0]) == 1.0
+
+
+def test_stream_loss_is_the_weighted_mean_of_per_sample_token_means() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), -100)
+    labels[0, 3:] = torch.tensor([1, 2, 3])
+    labels[1, 5] = 4
+    labels[2, 2:] = torch.tensor([5, 6, 7, 8])
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    parts = stream_loss(logits, labels, weights)
+    expected = []
+    for i in range(3):
+        mask = labels[i, 1:] != -100
+        expected.append(F.cross_entropy(logits[i, :-1][mask], labels[i, 1:][mask]))
+    expected = torch.stack(expected)
+    torch.testing.assert_close(parts.sample_losses, expected)
+    torch.testing.assert_close(parts.loss, (expected * weights).mean())
+    assert parts.target_tokens.tolist() == [3, 1, 4]
+
+
+def test_optimizer_groups_only_trainable_parameters() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    optimizer, scheduler = build_optimizer(model, recipe(weight_decay=0.1).stages[0])
+    decayed, plain = optimizer.param_groups
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])] and decayed["weight_decay"] == 0.1
+    assert len(plain["params"]) == 4 and plain["weight_decay"] == 0.0  # biases and the norm
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(UserError, match="no trainable parameters"):
+        build_optimizer(model, recipe().stages[0])
+
+
+def test_graceful_stop_one_request_then_abort_on_a_later_signal() -> None:
+    stop = GracefulStop(repeat_window_s=60.0)
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy: same request, no abort
+        assert stop.requested
+        assert stop.agreed(torch.device("cpu"))
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_rng_state_round_trip() -> None:
+    state = capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    restore_rng(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.fixture(scope="module")
+def ds_engine():
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29613", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    model[0].weight.requires_grad_(False)  # a frozen part, like the base model under LoRA
+    optimizer, scheduler = build_optimizer(model, recipe().stages[0])
+    config = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": False},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    for _ in range(2):
+        loss = engine(torch.randn(2, 8)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    return engine
+
+
+def test_checkpoints_are_sealed_pruned_and_verified(ds_engine, tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        ref = checkpoint.save(ds_engine, root, step, {"rmpl": {"step": step}}, keep_last=2, trainable_only=True)
+    assert ref.tag == "step0000003"
+    assert (root / "latest").read_text() == "step0000003"
+    assert [r.step for r in checkpoint.complete_checkpoints(root)] == [2, 3]
+    marker = json.loads((ref.path / checkpoint.MARKER).read_text())
+    assert marker["step"] == 3 and any("optim_states" in name for name in marker["files"])
+    checkpoint.verify(ref)
+
+    # A checkpoint whose writing was interrupted (no marker) is never chosen, even when it is newer.
+    (root / "step0000009").mkdir()
+    (root / "step0000009" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    assert checkpoint.find(root, "auto").tag == "step0000003"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        checkpoint.find(root, str(root / "step0000009"))
+
+    # A byte changed after writing: refused before anything is unpickled.
+    victim = next(p for p in sorted(ref.path.iterdir()) if p.name.endswith(".pt"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{victim.name}: modified since the checkpoint was written"):
+        checkpoint.verify(ref)
+    assert checkpoint.find(tmp_path / "nothing", "auto") is None and checkpoint.find(root, "none") is None
+
+
+def test_checkpoint_into_an_unwritable_place_names_the_path(ds_engine, tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    checkpoint.save(ds_engine, root, 1, {"rmpl": {"step": 1}}, keep_last=2, trainable_only=True)
+    (root / "step0000002").write_text("a file where the checkpoint directory should go")
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*step0000002"):
+        checkpoint.save(ds_engine, root, 2, {"rmpl": {"step": 2}}, keep_last=2, trainable_only=True)
+    assert checkpoint.find(root, "auto").step == 1  # the earlier checkpoint is intact
+
+
+def test_loaded_checkpoint_restores_client_state(ds_engine, tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    weights = [p.detach().clone() for p in ds_engine.module.parameters()]
+    ref = checkpoint.save(
+        ds_engine, root, 5, {"rmpl": {"step": 5, "rng": capture_rng()}}, keep_last=1, trainable_only=True
+    )
+    loss = ds_engine(torch.randn(2, 8)).pow(2).mean()
+    ds_engine.backward(loss)
+    ds_engine.step()
+    _, client = ds_engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_strict=False)
+    assert client["rmpl"]["step"] == 5
+    for before, after in zip(weights, ds_engine.module.parameters(), strict=True):
+        torch.testing.assert_close(before, after.detach())
+
+
+def test_handoff_export_is_verified(tmp_path: Path) -> None:
+    the_recipe = recipe()
+    stage_dir = tmp_path / "stage1"
+
+    def write_model(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"weights")
+        (directory / "config.json").write_text("{}")
+
+    export = handoff.write_export(
+        stage_dir, write_model, recipe=the_recipe, stage_name="stage1", step=10, kind="merged", base_model="m"
+    )
+    manifest = handoff.verify_export(export, the_recipe, "stage1")
+    assert (
+        manifest["step"] == 10
+        and manifest["lineage"] == ["stage1"]
+        and set(manifest["files"]) == {"model.safetensors", "config.json"}
+    )
+    assert handoff.lineage(the_recipe, "stage2") == ["stage1", "stage2"]
+
+    with pytest.raises(UserError, match="different recipe"):
+        handoff.verify_export(export, recipe(lr=5e-4), "stage1")
+    with pytest.raises(UserError, match="an export of stage 'stage1', not 'stage2'"):
+        handoff.verify_export(export, the_recipe, "stage2")
+    (export / "model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(UserError, match=r"model\.safetensors: modified"):
+        handoff.verify_export(export, the_recipe, "stage1")
+    (export / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"model\.safetensors: missing"):
+        handoff.verify_export(export, the_recipe, "stage1")
+    with pytest.raises(UserError, match="does not exist"):
+        handoff.verify_export(tmp_path / "stage0" / "export", the_recipe, "stage1")
+
+    def crash(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed while exporting")
+
+    with pytest.raises(RuntimeError):
+        handoff.write_export(
+            tmp_path / "other", crash, recipe=the_recipe, stage_name="stage1", step=1, kind="merged", base_model="m"
+        )
+    assert not (tmp_path / "other" / "export").exists()
+    assert not any(p.name.startswith(".export") for p in (tmp_path / "other").iterdir())
+    assert not math.isnan(manifest["step"])
