@@ -7,14 +7,13 @@ variables the `deepspeed` / `torchrun` launchers export, at call time.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _initialized() -> bool:
-    try:
-        import torch.distributed as torch_dist
-    except ImportError:  # torch is optional for the pure parts of the package
-        return False
-    return torch_dist.is_available() and torch_dist.is_initialized()
+    # A process group exists only if torch.distributed was imported; asking must not import torch (seconds).
+    torch_dist = sys.modules.get("torch.distributed")
+    return torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def rank() -> int:

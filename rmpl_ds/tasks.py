@@ -1,0 +1,887 @@
+"""Tasks: render a record for a task into an :class:`~rmpl_ds.example.Example`, and parse generated text back.
+
+Five tasks, looked up by name in :data:`TASKS`:
+
+======  =====  ===============================  ====================================================================
+task    stage  records                          the model answers
+======  =====  ===============================  ====================================================================
+``t``   I      TextSentence (ACE, M2E2)         every event of the sentence: type, trigger and text arguments
+``i``   I      ImageRecord (SWiG/imSitu, M2E2)  every event of the image: type and argument boxes
+``r``   I      RelationPair (MNRE)              the relation label between the named head and tail entities
+``EM``  II     TextSentence or ImageRecord      the event types mentioned in the sentence / shown in the image
+``AR``  II     TextSentence or ImageRecord      for one given event type: its mentions' triggers and arguments
+                                                (text) or its argument boxes (image)
+======  =====  ===============================  ====================================================================
+
+Prompts are schema-guided: the system turn lists the event types with their roles (:data:`TEXT_ROLES` for text,
+:data:`IMAGE_ROLES` for images), AR names the given type and its roles, ``r`` lists the 23 MNRE labels.
+
+Target formats (one event per line; ``none`` alone when there is nothing to report)::
+
+    t    Conflict:Attack | fired | Attacker: soldiers ; Target: village      (type | trigger | arguments)
+         Life:Die | killed                                                   (an event with no arguments)
+    i    Justice:Arrest-Jail | Agent: [121,100,412,998] ; Person: [386,112,799,998]
+    EM   Conflict:Attack ; Life:Die
+    AR   fired | Attacker: soldiers ; Target: village                        (text: one line per mention)
+    AR   Agent: [121,100,412,998] ; Person: [386,112,799,998]                (image: one line, all boxes of the type)
+    r    /per/per/couple
+
+Text AR lines start with the trigger because EM gives types only, and M2E2 scores text arguments (and triggers)
+by trigger offsets: the trigger is how two mentions of one type in a sentence are told apart.
+
+Order is deterministic: text events by (trigger span, type order), image events by type order then arguments;
+arguments by the role's position in the type's schema, then span (text) or box (image). EM lists types in
+:data:`EVENT_TYPES` order.
+
+Text strings. A trigger or argument is written as its tokens joined by single spaces (whitespace inside a token
+collapsed). Inside such a value, ``\\``, ``|``, ``;`` and ``#`` are escaped with a backslash, and a value that reads
+``none`` is written ``\\none``; everything else (``:`` included, because roles are split at the first colon) is
+literal. The parser maps a string back to a token span among the occurrences that start and end on token
+boundaries (ignoring whitespace if there is no exact occurrence):
+
+* a trigger takes the first occurrence at or after the previous line's trigger start that no earlier line of the
+  same event type took (failing that, the first one not taken, then the first), because lines are in trigger order
+  and one word can trigger events of two types;
+* an argument takes the occurrence nearest its event's trigger (token gap between the spans), ties going to the one
+  after the trigger;
+* when this rule would pick the wrong occurrence, the renderer appends ``#k`` (the k-th occurrence in the sentence,
+  from 1), e.g. ``attack#2``, which overrides the rule; so spans survive the round trip exactly.
+
+Spans are recovered from the sentence's tokens, so the ``text`` of a gold trigger or argument is the joined tokens
+(M2E2's argument ``text`` is the article's surface string and sometimes differs, e.g. ``Obama’s`` vs ``Obama ’s``).
+Image lines have no trigger field; an image event whose arguments are all ungrounded is its type alone.
+
+Boxes. A box is written ``[x1,y1,x2,y2]`` with integers in [0, 1000): ``x * 1000 // W`` and ``y * 1000 // H`` of the
+record's pixel box (clipped to the image), the Qwen2-VL grounding convention. It does not depend on any resize the
+backbone does. The parser maps a coordinate q back to the middle of the integer pixels x with ``x * 1000 // W == q``,
+using the width and height in ``example.meta``, so a recovered box is off by at most ``ceil(W / 1000)`` pixels
+(``ceil(H / 1000)`` vertically), and re-quantizing it gives q again.
+
+:func:`to_structure` gives a record's gold in exactly the shape :func:`parse` returns, after the same lossy steps
+(quantized boxes, joined token strings), so ``parse(t, render(r, t).target, example_meta=...) == to_structure(r, t)``
+for every record. What the format cannot express is left out of both: event types outside :data:`EVENT_TYPES`, roles
+outside the type's schema for that modality, ungrounded visual arguments (``box is None``), duplicate arguments, and
+spans whose tokens are all blank.
+
+:func:`parse` never raises on the text: a malformed fragment (unknown type or role, broken box, string not in the
+sentence, missing separator, stray line, empty output) is skipped or kept partially and counted in
+:attr:`Parsed.errors`. Type, role and label names are also accepted in another letter case, strings with other
+spacing; neither counts as an error. Parsed events keep the order of the text.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from rmpl_ds.example import Example
+from rmpl_ds.ontology import EVENT_TYPES, IMAGE_ROLES, RELATION_LABELS, TEXT_ROLES
+from rmpl_ds.records import Box, ImageRecord, Record, RelationPair, TextSentence
+
+Span = tuple[int, int]
+
+NONE = "none"
+BOX_SCALE = 1000
+# Characters that separate fields, arguments and occurrence markers; escaped with a backslash inside strings.
+_ESCAPED = frozenset("\\|;#")
+# The digits of an occurrence marker or a box coordinate (str.isdigit would also accept "²", which int() refuses).
+_NUMBER = re.compile(r"[0-9]+")
+# Tolerated aspect-ratio mismatch between the decoded image and the record's size (resized copies round).
+_ASPECT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of the registry: its name, its training stage and the record types it renders."""
+
+    name: str
+    stage: str
+    summary: str
+    record_types: tuple[type, ...]
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("t", "I", "text event extraction: types, triggers and arguments of every event", (TextSentence,)),
+        Task("i", "I", "visual event extraction: types and argument boxes of every event", (ImageRecord,)),
+        Task("r", "I", "multimedia relation extraction: the relation between two entities", (RelationPair,)),
+        Task("EM", "II", "event mention identification: the event types present", (TextSentence, ImageRecord)),
+        Task("AR", "II", "argument role extraction given the event type", (TextSentence, ImageRecord)),
+    )
+}
+
+
+_MODALITIES: dict[type, str] = {TextSentence: "text", ImageRecord: "image", RelationPair: "relation"}
+
+
+@dataclass(frozen=True)
+class ParsedArgument:
+    """An argument: text ones have ``text`` (as written) and ``span`` (tokens, end-exclusive; None if not found);
+    visual ones have ``box`` in pixels of the record's image."""
+
+    role: str
+    text: str | None = None
+    span: Span | None = None
+    box: Box | None = None
+
+
+@dataclass(frozen=True)
+class ParsedEvent:
+    """An event: image events have no trigger; ``trigger_span`` is None when the trigger was not found."""
+
+    event_type: str
+    trigger: str | None = None
+    trigger_span: Span | None = None
+    arguments: tuple[ParsedArgument, ...] = ()
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a task's output says, as structures.
+
+    ``events`` for ``t``, ``i`` and ``AR``; ``event_types`` for ``EM``; ``relation`` for ``r`` (the label string,
+    ``"None"`` included; Python ``None`` when no label could be read). ``errors`` counts malformed fragments.
+    """
+
+    task: str
+    events: tuple[ParsedEvent, ...] = ()
+    event_types: tuple[str, ...] = ()
+    relation: str | None = None
+    errors: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def render(record: Record, task: str, *, image: Image.Image | None = None, event_type: str | None = None) -> Example:
+    """Render ``record`` for ``task`` as one Example (schema-guided prompt, linearized gold target).
+
+    ``image`` is the decoded image stored beside the record: required for image records and relation pairs, refused
+    for sentences. ``event_type`` is required for ``AR`` (the type whose arguments are asked for; a type the record
+    does not have gives the target ``none``) and refused otherwise.
+
+    Raises ValueError for an unknown task, a record the task does not apply to, a missing/extra image or event
+    type, an image whose aspect ratio differs from the record's size, or a record with an out-of-range span or an
+    unknown relation label.
+    """
+    spec = _task(task)
+    _check_applies(spec, record)
+    _check_event_type(spec, event_type)
+    _check_image(spec, record, image)
+    structure = to_structure(record, task, event_type=event_type)
+    meta = _meta(record, task, event_type)
+    system, prompt = _prompt(task, record, event_type)
+    images = () if image is None else (image if image.mode == "RGB" else image.convert("RGB"),)
+    return Example(
+        task=task,
+        system=system,
+        prompt=prompt,
+        target=_linearize(structure, meta),
+        images=images,
+        source=getattr(record, "source", ""),
+        key=getattr(record, "id", ""),
+        meta=meta,
+    )
+
+
+def render_all(record: Record, task: str, *, image: Image.Image | None = None) -> list[Example]:
+    """Every Example of ``record`` for ``task``: one per gold event type (in EVENT_TYPES order) for ``AR``, none for a
+    record without events; exactly one for the other tasks. Raises as :func:`render` does."""
+    if _task(task).name != "AR":
+        return [render(record, task, image=image)]
+    _check_applies(TASKS["AR"], record)
+    types_present = to_structure(record, "EM").event_types
+    return [render(record, task, image=image, event_type=event_type) for event_type in types_present]
+
+
+def to_structure(record: Record, task: str, event_type: str | None = None) -> Parsed:
+    """The gold of ``record`` for ``task`` in the shape :func:`parse` returns (``errors == 0``).
+
+    Lossy exactly as the target format is (see the module docstring): boxes are quantized and mapped back, strings
+    are whitespace-joined tokens, off-schema content is left out. Raises ValueError as :func:`render` does.
+    """
+    spec = _task(task)
+    _check_applies(spec, record)
+    _check_event_type(spec, event_type)
+    if isinstance(record, RelationPair):
+        if record.relation not in RELATION_LABELS:
+            raise ValueError(
+                f"{record.id}: relation {record.relation!r} is not one of the {len(RELATION_LABELS)} MNRE labels"
+            )
+        return Parsed(task=task, relation=record.relation)
+    events = _gold_text_events(record) if isinstance(record, TextSentence) else _gold_image_events(record)  # type: ignore[arg-type]
+    if task == "EM":
+        return Parsed(task=task, event_types=_types_in_order(event.event_type for event in events))
+    if task == "AR":
+        chosen = tuple(event for event in events if event.event_type == event_type)
+        if isinstance(record, ImageRecord):
+            arguments = _sorted_unique_boxes(event_type, [arg for event in chosen for arg in event.arguments])
+            chosen = (ParsedEvent(event_type, arguments=arguments),) if arguments else ()
+        return Parsed(task=task, events=chosen)
+    return Parsed(task=task, events=events)
+
+
+def parse(task: str, text: str, *, example_meta: dict[str, Any]) -> Parsed:
+    """Read the structure back from generated ``text`` for ``task``; never raises on any text.
+
+    ``example_meta`` is the rendered Example's ``meta`` (it carries the sentence tokens, the image size and the AR
+    event type). Malformed fragments are skipped or kept partially and counted in ``errors``. Raises ValueError
+    only for an unknown task or a meta dict that :func:`render` did not produce.
+    """
+    spec = _task(task)
+    modality = _meta_get(example_meta, "modality", str)
+    allowed = {_MODALITIES[record_type] for record_type in spec.record_types}
+    if modality not in allowed:
+        raise ValueError(f"task {task!r} parses {sorted(allowed)} examples; example_meta is for a {modality!r} one")
+    stripped = text.strip()
+    if spec.name == "r":
+        return _parse_relation(stripped)
+    if not stripped:
+        return Parsed(task=task, errors=1)
+    if stripped.lower() == NONE:
+        return Parsed(task=task)
+    lines = [line for line in (raw.strip() for raw in stripped.splitlines()) if line]
+    if spec.name == "EM":
+        return _parse_types(lines)
+    if modality == "text":
+        sentence = _Sentence(_meta_get(example_meta, "tokens", list))
+        fixed_type = _meta_get(example_meta, "event_type", str) if spec.name == "AR" else None
+        events, errors = _parse_text_events(lines, sentence, fixed_type)
+        return Parsed(task=task, events=events, errors=errors)
+    size = (_meta_get(example_meta, "width", int), _meta_get(example_meta, "height", int))
+    if spec.name == "AR":
+        return _parse_image_arguments(lines, _meta_get(example_meta, "event_type", str), size)
+    events, errors = _parse_image_events(lines, size)
+    return Parsed(task=task, events=events, errors=errors)
+
+
+def quantize_box(box: Box, width: int, height: int) -> Box:
+    """A pixel box as integers in [0, 1000) normalized by the image size (clipped to the image first).
+
+    Raises ValueError unless width and height are positive.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"cannot normalize a box by an image size of {width}x{height}")
+    x1, y1, x2, y2 = (
+        min(max(value, 0), limit) for value, limit in zip(box, (width, height, width, height), strict=True)
+    )
+    return (_quantize(x1, width), _quantize(y1, height), _quantize(x2, width), _quantize(y2, height))
+
+
+def dequantize_box(box: Box, width: int, height: int) -> Box:
+    """The pixel box in the middle of a quantized box's bins; ``quantize_box`` of it gives ``box`` back."""
+    x1, y1, x2, y2 = box
+    return (_dequantize(x1, width), _dequantize(y1, height), _dequantize(x2, width), _dequantize(y2, height))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks and meta
+
+
+def _task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def _check_applies(spec: Task, record: Record) -> None:
+    if not isinstance(record, spec.record_types):
+        expected = " or ".join(cls.__name__ for cls in spec.record_types)
+        raise ValueError(
+            f"task {spec.name!r} ({spec.summary}) renders {expected} records, "
+            f"not {type(record).__name__} {getattr(record, 'id', '')!r}"
+        )
+
+
+def _check_event_type(spec: Task, event_type: str | None) -> None:
+    if spec.name == "AR":
+        if event_type not in EVENT_TYPES:
+            raise ValueError(
+                f"task 'AR' needs event_type, one of {list(EVENT_TYPES)}; got {event_type!r} "
+                "(render_all gives one AR example per gold event type)"
+            )
+    elif event_type is not None:
+        raise ValueError(f"task {spec.name!r} takes no event_type (got {event_type!r}); only 'AR' does")
+
+
+def _check_image(spec: Task, record: Record, image: Image.Image | None) -> None:
+    name = getattr(record, "id", "")
+    if isinstance(record, TextSentence):
+        if image is not None:
+            raise ValueError(f"task {spec.name!r} on sentence {name!r}: text records take no image")
+        return
+    if image is None:
+        raise ValueError(f"task {spec.name!r} on {type(record).__name__} {name!r} needs the record's decoded image")
+    # A record without a size (imSitu without SWiG, M2E2 converted without images) has no boxes to misplace.
+    if isinstance(record, ImageRecord) and record.width > 0 and record.height > 0:
+        image_width, image_height = image.size
+        expected_height = image_width * record.height / record.width
+        if abs(image_height - expected_height) > max(1.0, _ASPECT_TOLERANCE * expected_height):
+            raise ValueError(
+                f"image record {name!r}: the decoded image is {image_width}x{image_height} but the record's boxes are "
+                f"for {record.width}x{record.height}, a different aspect ratio (rotated or wrong image?)"
+            )
+
+
+def _check_size(record: ImageRecord) -> None:
+    if record.width <= 0 or record.height <= 0:
+        raise ValueError(
+            f"image record {record.id!r}: width and height must be positive to normalize its boxes, got "
+            f"{record.width}x{record.height} (convert the source with its images so that sizes are known)"
+        )
+
+
+def _meta(record: Record, task: str, event_type: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"task": task, "record_kind": record.kind, "modality": _MODALITIES[type(record)]}
+    if isinstance(record, TextSentence):
+        meta["tokens"] = list(record.tokens)
+    elif isinstance(record, ImageRecord):
+        meta.update(width=record.width, height=record.height)
+    if event_type is not None:
+        meta["event_type"] = event_type
+    return meta
+
+
+def _meta_get(meta: dict[str, Any], key: str, kind: type) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"example_meta[{key!r}] must be a {kind.__name__} as render() writes it, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _schema(roles: dict[str, tuple[str, ...]]) -> str:
+    return "\n".join(f"{event_type} ({', '.join(roles[event_type])})" for event_type in EVENT_TYPES)
+
+
+_BOXES = "role: [x1,y1,x2,y2] ; role: [x1,y1,x2,y2]"
+_BOX_NOTE = "coordinates 0-999 of the image width and height"
+
+
+def _prompt(task: str, record: Record, event_type: str | None) -> tuple[str, str]:
+    """(system, user text) for a task; the image, if any, is shown before the user text."""
+    if isinstance(record, RelationPair):
+        system = "Classify the relation between two entities of a post and its image. Relations: " + ", ".join(
+            RELATION_LABELS
+        )
+        prompt = (
+            f"Text: {_Sentence(record.tokens).text}\nHead entity: {record.head.name}\nTail entity: {record.tail.name}\n"
+            "Answer with one relation."
+        )
+        return system, prompt
+    is_text = isinstance(record, TextSentence)
+    where = f"Sentence: {_Sentence(record.tokens).text}\n" if is_text else ""  # type: ignore[union-attr]
+    source = "sentence" if is_text else "image"
+    if task == "EM":
+        verb = "mentioned in" if is_text else "shown in"
+        system = f"Identify the events {verb} the {source}. Event types: {', '.join(EVENT_TYPES)}"
+        return system, f"{where}List the event types present, separated by ; or write none."
+    if task == "AR":
+        roles = (TEXT_ROLES if is_text else IMAGE_ROLES)[event_type]  # type: ignore[index]
+        asked = f"{where}Event type: {event_type}\nRoles: {', '.join(roles)}\n"
+        if is_text:
+            system = "Extract the arguments of an event from the sentence."
+            line = "trigger | role: argument ; role: argument"
+            return system, f"{asked}One line per {event_type} event: {line}. Write none if there is no such event."
+        system = "Locate the arguments of an event in the image."
+        return system, f"{asked}Answer {_BOXES} ({_BOX_NOTE}), or none."
+    if is_text:
+        system = "Extract the events of the sentence. Event types (argument roles):\n" + _schema(TEXT_ROLES)
+        line = "type | trigger | role: argument ; role: argument"
+        return system, f"{where}One event per line: {line}. Write none if there is no event."
+    system = "Extract the events shown in the image. Event types (argument roles):\n" + _schema(IMAGE_ROLES)
+    return (
+        system,
+        f"One event per line: type | {_BOXES} ({_BOX_NOTE}). Write none if there is no event.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gold structures
+
+
+def _types_in_order(types: Any) -> tuple[str, ...]:
+    present = set(types)
+    return tuple(event_type for event_type in EVENT_TYPES if event_type in present)
+
+
+def _role_rank(roles: tuple[str, ...], role: str) -> int:
+    return roles.index(role)
+
+
+def _gold_text_events(record: TextSentence) -> tuple[ParsedEvent, ...]:
+    sentence = _Sentence(record.tokens)
+    events = []
+    for event in record.events:
+        if event.event_type not in TEXT_ROLES:
+            continue
+        trigger = sentence.trim(_checked_span(record, event.trigger.start, event.trigger.end, "trigger"))
+        if trigger is None:
+            continue
+        roles = TEXT_ROLES[event.event_type]
+        arguments = set()
+        for argument in event.arguments:
+            span = sentence.trim(_checked_span(record, argument.start, argument.end, f"{argument.role} argument"))
+            if argument.role in roles and span is not None:
+                arguments.add(ParsedArgument(argument.role, text=sentence.value(span), span=span))
+        ordered = sorted(arguments, key=lambda arg: (_role_rank(roles, arg.role), arg.span))
+        events.append(ParsedEvent(event.event_type, sentence.value(trigger), trigger, tuple(ordered)))
+    events.sort(key=lambda event: (event.trigger_span, EVENT_TYPES.index(event.event_type), _args_key(event)))
+    return tuple(events)
+
+
+def _checked_span(record: TextSentence, start: int, end: int, what: str) -> Span:
+    if not 0 <= start < end <= len(record.tokens):
+        raise ValueError(
+            f"sentence {record.id!r}: {what} span [{start}, {end}) is outside its {len(record.tokens)} tokens"
+        )
+    return (start, end)
+
+
+def _args_key(event: ParsedEvent) -> tuple[Any, ...]:
+    return tuple((arg.role, arg.span or (-1, -1), arg.box or (-1, -1, -1, -1)) for arg in event.arguments)
+
+
+def _gold_image_events(record: ImageRecord) -> tuple[ParsedEvent, ...]:
+    events = []
+    for event in record.events:
+        if event.event_type not in IMAGE_ROLES:
+            continue
+        grounded = []
+        for argument in event.arguments:
+            if argument.box is None or argument.role not in IMAGE_ROLES[event.event_type]:
+                continue
+            _check_size(record)
+            x1, y1, x2, y2 = argument.box
+            if x1 > x2 or y1 > y2:
+                raise ValueError(
+                    f"image record {record.id!r}: {argument.role} box {argument.box} has x1 > x2 or y1 > y2"
+                )
+            quantized = quantize_box(argument.box, record.width, record.height)
+            grounded.append(ParsedArgument(argument.role, box=dequantize_box(quantized, record.width, record.height)))
+        events.append(ParsedEvent(event.event_type, arguments=_sorted_unique_boxes(event.event_type, grounded)))
+    events.sort(key=lambda event: (EVENT_TYPES.index(event.event_type), _args_key(event)))
+    return tuple(events)
+
+
+def _sorted_unique_boxes(event_type: str, arguments: Sequence[ParsedArgument]) -> tuple[ParsedArgument, ...]:
+    roles = IMAGE_ROLES[event_type]
+    return tuple(sorted(set(arguments), key=lambda arg: (_role_rank(roles, arg.role), arg.box)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strings in a sentence
+
+
+class _Sentence:
+    """A sentence's tokens as one string, and where a string occurs in it on token boundaries.
+
+    Whitespace inside a token is collapsed to one space; tokens that are blank after that take no room, so a
+    span never starts or ends on one (:meth:`trim`).
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = [" ".join(token.split()) for token in tokens]
+        self.text, self._starts, self._ends = self._index(self.tokens, " ")
+        # The same index with every space removed, for strings the model wrote with different spacing.
+        self._compact, self._compact_starts, self._compact_ends = self._index(
+            [token.replace(" ", "") for token in self.tokens], ""
+        )
+
+    @staticmethod
+    def _index(tokens: Sequence[str], separator: str) -> tuple[str, dict[int, int], dict[int, int]]:
+        pieces: list[str] = []
+        starts: dict[int, int] = {}
+        ends: dict[int, int] = {}
+        position = 0
+        for index, token in enumerate(tokens):
+            if not token:
+                continue
+            if pieces:
+                position += len(separator)
+            starts[position] = index
+            position += len(token)
+            ends[position] = index + 1
+            pieces.append(token)
+        return separator.join(pieces), starts, ends
+
+    def trim(self, span: Span) -> Span | None:
+        """The span without blank tokens at its ends; None if every token is blank."""
+        start, end = span
+        while start < end and not self.tokens[start]:
+            start += 1
+        while end > start and not self.tokens[end - 1]:
+            end -= 1
+        return (start, end) if start < end else None
+
+    def value(self, span: Span) -> str:
+        """The span's text: its non-blank tokens joined by single spaces."""
+        return " ".join(token for token in self.tokens[span[0] : span[1]] if token)
+
+    def occurrences(self, value: str) -> list[Span]:
+        """Spans whose text is ``value``, in sentence order; if there is none, those equal to it up to whitespace."""
+        exact = self._find(self.text, self._starts, self._ends, value)
+        if exact:
+            return exact
+        return self._find(self._compact, self._compact_starts, self._compact_ends, "".join(value.split()))
+
+    @staticmethod
+    def _find(text: str, starts: dict[int, int], ends: dict[int, int], needle: str) -> list[Span]:
+        found: list[Span] = []
+        if not needle:
+            return found
+        position = text.find(needle)
+        while position >= 0:
+            end = position + len(needle)
+            if position in starts and end in ends:
+                found.append((starts[position], ends[end]))
+            position = text.find(needle, position + 1)
+        return found
+
+
+def _pick_trigger(occurrences: list[Span], cursor: int, taken: set[Span]) -> Span | None:
+    """The trigger rule: first occurrence at or after ``cursor`` not taken by an earlier line of the same type."""
+    for rule in (
+        lambda span: span[0] >= cursor and span not in taken,
+        lambda span: span not in taken,
+        lambda span: True,
+    ):
+        for span in occurrences:
+            if rule(span):
+                return span
+    return None
+
+
+def _gap(span: Span, anchor: Span) -> int:
+    if span[1] <= anchor[0]:
+        return anchor[0] - span[1]
+    if span[0] >= anchor[1]:
+        return span[0] - anchor[1]
+    return 0
+
+
+def _pick_argument(occurrences: list[Span], trigger: Span | None) -> Span | None:
+    """The argument rule: the occurrence nearest the trigger, ties to the one after it."""
+    if not occurrences:
+        return None
+    if trigger is None:
+        return occurrences[0]
+    return min(occurrences, key=lambda span: (_gap(span, trigger), span[0] < trigger[0], span[0]))
+
+
+def _escape(value: str) -> str:
+    escaped = "".join("\\" + char if char in _ESCAPED else char for char in value)
+    # A bare "none" would read as "nothing to report".
+    return "\\" + escaped if escaped.lower() == NONE else escaped
+
+
+def _unescape(raw: str) -> str:
+    chars = []
+    index = 0
+    while index < len(raw):
+        if raw[index] == "\\" and index + 1 < len(raw):
+            index += 1
+        chars.append(raw[index])
+        index += 1
+    return "".join(chars)
+
+
+def _split(raw: str, separator: str) -> list[str]:
+    """Split on unescaped ``separator``; the pieces keep their escapes."""
+    pieces: list[str] = []
+    current: list[str] = []
+    index = 0
+    while index < len(raw):
+        char = raw[index]
+        if char == "\\" and index + 1 < len(raw):
+            current.append(raw[index : index + 2])
+            index += 2
+            continue
+        if char == separator:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        index += 1
+    pieces.append("".join(current))
+    return pieces
+
+
+def _split_marker(raw: str) -> tuple[str, int | None]:
+    """``attack#2`` -> (``attack``, 2); an unescaped ``#`` not followed by digits only stays part of the string."""
+    pieces = _split(raw, "#")
+    if len(pieces) > 1 and _NUMBER.fullmatch(pieces[-1].strip()):
+        return "#".join(pieces[:-1]).strip(), int(pieces[-1])
+    return raw, None
+
+
+def _written(sentence: _Sentence, span: Span, chosen: Span | None) -> str:
+    """How the renderer writes a gold span: escaped text, plus ``#k`` when the rule would pick another span."""
+    value = sentence.value(span)
+    if chosen == span:
+        return _escape(value)
+    return f"{_escape(value)}#{sentence.occurrences(value).index(span) + 1}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linearization
+
+
+def _linearize(structure: Parsed, meta: dict[str, Any]) -> str:
+    task = structure.task
+    if task == "r":
+        return structure.relation or ""
+    if task == "EM":
+        return " ; ".join(structure.event_types) or NONE
+    if not structure.events:
+        return NONE
+    if meta["modality"] == "image":
+        size = (meta["width"], meta["height"])
+        if task == "AR":
+            return _written_boxes(structure.events[0], size)
+        return "\n".join(
+            " | ".join(field for field in (event.event_type, _written_boxes(event, size)) if field)
+            for event in structure.events
+        )
+    return _written_text_events(structure.events, _Sentence(meta["tokens"]), with_type=task != "AR")
+
+
+def _written_text_events(events: Sequence[ParsedEvent], sentence: _Sentence, *, with_type: bool) -> str:
+    lines = []
+    cursor = 0
+    taken: set[tuple[str, Span]] = set()
+    for event in events:
+        trigger = event.trigger_span
+        assert trigger is not None, "gold text events always have a trigger span"
+        same_type_taken = {span for event_type, span in taken if event_type == event.event_type}
+        chosen = _pick_trigger(sentence.occurrences(sentence.value(trigger)), cursor, same_type_taken)
+        written_trigger = _written(sentence, trigger, chosen)
+        cursor = trigger[0]
+        taken.add((event.event_type, trigger))
+        arguments = []
+        for argument in event.arguments:
+            assert argument.span is not None, "gold text arguments always have a span"
+            chosen = _pick_argument(sentence.occurrences(sentence.value(argument.span)), trigger)
+            arguments.append(f"{argument.role}: {_written(sentence, argument.span, chosen)}")
+        fields = [event.event_type] if with_type else []
+        fields.append(written_trigger)
+        if arguments:
+            fields.append(" ; ".join(arguments))
+        lines.append(" | ".join(fields))
+    return "\n".join(lines)
+
+
+def _written_boxes(event: ParsedEvent, size: tuple[int, int]) -> str:
+    width, height = size
+    return " ; ".join(
+        f"{argument.role}: [{','.join(str(value) for value in quantize_box(argument.box, width, height))}]"  # type: ignore[arg-type]
+        for argument in event.arguments
+    )
+
+
+def _quantize(value: int, limit: int) -> int:
+    return min(value * BOX_SCALE // limit, BOX_SCALE - 1)
+
+
+def _dequantize(value: int, limit: int) -> int:
+    # The middle of the integer pixels that quantize to ``value``, so that quantizing the result gives ``value``
+    # back whenever some pixel does (always for a value that came from a pixel); a rendered box re-reads exactly.
+    first = -(-value * limit // BOX_SCALE)
+    last = -(-(value + 1) * limit // BOX_SCALE) - 1
+    middle = (first + last) // 2 if first <= last else first
+    return min(max(middle, 0), limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _match(name: str, allowed: Sequence[str]) -> str | None:
+    """``name`` as spelled in ``allowed``, compared exactly and then case-insensitively."""
+    name = name.strip()
+    if name in allowed:
+        return name
+    folded = {candidate.lower(): candidate for candidate in allowed}
+    return folded.get(name.lower())
+
+
+def _parse_relation(text: str) -> Parsed:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return Parsed(task="r", errors=1)
+    relation = _match(lines[0], RELATION_LABELS)
+    errors = (relation is None) + (len(lines) > 1)
+    return Parsed(task="r", relation=relation, errors=errors)
+
+
+def _parse_types(lines: list[str]) -> Parsed:
+    found: list[str] = []
+    errors = 0
+    for line in lines:
+        for item in (piece.strip() for piece in line.replace(",", ";").split(";")):
+            if not item:
+                continue
+            event_type = _match(item, EVENT_TYPES)
+            if event_type is None:
+                errors += 1
+            elif event_type not in found:
+                found.append(event_type)
+    return Parsed(task="EM", event_types=tuple(found), errors=errors)
+
+
+def _parse_text_events(
+    lines: list[str], sentence: _Sentence, fixed_type: str | None
+) -> tuple[tuple[ParsedEvent, ...], int]:
+    """Text event lines: ``type | trigger | arguments`` (t) or ``trigger | arguments`` (AR, type given)."""
+    events: list[ParsedEvent] = []
+    errors = 0
+    cursor = 0
+    taken: set[tuple[str, Span]] = set()
+    for line in lines:
+        fields = [field.strip() for field in _split(line, "|")]
+        if fixed_type is None:
+            event_type = _match(_unescape(fields.pop(0)), EVENT_TYPES)
+            if event_type is None:
+                errors += 1
+                continue
+        else:
+            event_type = fixed_type
+        if not fields or not fields[0]:
+            errors += 1  # an event with no trigger
+            trigger_text, trigger, argument_fields = None, None, fields[1:]
+        else:
+            trigger_raw, argument_fields = fields[0], fields[1:]
+            value, marker = _split_marker(trigger_raw)
+            trigger_text = _unescape(value)
+            occurrences = sentence.occurrences(trigger_text)
+            if not occurrences and len(fields) == 1 and _looks_like_arguments(trigger_raw, event_type):
+                # An AR line without its trigger: keep the arguments.
+                errors += 1
+                trigger_text, trigger, argument_fields = None, None, fields
+            else:
+                same_type_taken = {span for taken_type, span in taken if taken_type == event_type}
+                rule = functools.partial(_pick_trigger, cursor=cursor, taken=same_type_taken)
+                trigger, located_errors = _locate(occurrences, marker, rule)
+                errors += located_errors
+        if trigger is not None:
+            cursor = trigger[0]
+            taken.add((event_type, trigger))
+        errors += max(len(argument_fields) - 1, 0)  # arguments split by "|" instead of ";"
+        arguments: list[ParsedArgument] = []
+        for field in argument_fields:
+            for item in _split(field, ";"):
+                argument, item_errors = _parse_text_argument(item, event_type, sentence, trigger)
+                errors += item_errors
+                if argument is not None:
+                    arguments.append(argument)
+        events.append(ParsedEvent(event_type, trigger_text, trigger, tuple(arguments)))
+    return tuple(events), errors
+
+
+def _looks_like_arguments(raw: str, event_type: str) -> bool:
+    role = _split(raw, ";")[0].split(":", 1)[0]
+    return ":" in raw and _match(_unescape(role), TEXT_ROLES[event_type]) is not None
+
+
+def _locate(
+    occurrences: list[Span], marker: int | None, rule: Callable[[list[Span]], Span | None]
+) -> tuple[Span | None, int]:
+    """(span, errors): the marked occurrence if the marker is valid, else the rule's; no occurrence is an error."""
+    if not occurrences:
+        return None, 1
+    if marker is not None:
+        if 1 <= marker <= len(occurrences):
+            return occurrences[marker - 1], 0
+        return rule(occurrences), 1
+    return rule(occurrences), 0
+
+
+def _parse_text_argument(
+    item: str, event_type: str, sentence: _Sentence, trigger: Span | None
+) -> tuple[ParsedArgument | None, int]:
+    if not item.strip():
+        return None, 0  # a doubled or trailing separator loses nothing
+    role_text, colon, raw = item.partition(":")
+    role = _match(_unescape(role_text), TEXT_ROLES[event_type])
+    value, marker = _split_marker(raw.strip())
+    text = _unescape(value).strip()
+    if not colon or role is None or not text:
+        return None, 1
+    span, errors = _locate(sentence.occurrences(text), marker, functools.partial(_pick_argument, trigger=trigger))
+    return ParsedArgument(role, text=text, span=span), errors
+
+
+def _parse_image_events(lines: list[str], size: tuple[int, int]) -> tuple[tuple[ParsedEvent, ...], int]:
+    """Image event lines: ``type | role: box ; role: box``."""
+    events = []
+    errors = 0
+    for line in lines:
+        fields = [field.strip() for field in line.split("|")]
+        event_type = _match(fields[0], EVENT_TYPES)
+        if event_type is None:
+            errors += 1
+            continue
+        errors += max(len(fields) - 2, 0)
+        arguments, argument_errors = _parse_box_arguments(fields[1:], event_type, size)
+        events.append(ParsedEvent(event_type, arguments=arguments))
+        errors += argument_errors
+    return tuple(events), errors
+
+
+def _parse_image_arguments(lines: list[str], event_type: str, size: tuple[int, int]) -> Parsed:
+    """Image AR: ``role: box ; role: box`` (boxes on several lines are read as one list)."""
+    fields = [field.strip() for line in lines for field in line.split("|")]
+    errors = max(len(fields) - len(lines), 0)
+    arguments, argument_errors = _parse_box_arguments(fields, event_type, size)
+    events = (ParsedEvent(event_type, arguments=arguments),) if arguments else ()
+    return Parsed(task="AR", events=events, errors=errors + argument_errors)
+
+
+_BOX = re.compile(r"[\[(]([^\[\]()]*)[\])]")
+
+
+def _parse_box_arguments(
+    fields: Sequence[str], event_type: str, size: tuple[int, int]
+) -> tuple[tuple[ParsedArgument, ...], int]:
+    arguments: list[ParsedArgument] = []
+    errors = 0
+    for field in fields:
+        for item in field.split(";"):
+            if not item.strip():
+                continue
+            role_text, colon, value = item.partition(":")
+            role = _match(role_text, IMAGE_ROLES[event_type])
+            if not colon or role is None:
+                errors += 1
+                continue
+            boxes = _BOX.findall(value)
+            leftover = _BOX.sub("", value).replace(",", "").strip()
+            errors += bool(leftover) or not boxes
+            for inside in boxes:
+                box = _read_box(inside, size)
+                if box is None:
+                    errors += 1
+                else:
+                    arguments.append(ParsedArgument(role, box=box))
+    return tuple(arguments), errors
+
+
+def _read_box(inside: str, size: tuple[int, int]) -> Box | None:
+    """Four integers in [0, 1000] with x1 <= x2 and y1 <= y2, mapped to pixels; None if not."""
+    parts = [part.strip() for part in inside.split(",")]
+    if len(parts) != 4 or not all(_NUMBER.fullmatch(part) for part in parts):
+        return None
+    x1, y1, x2, y2 = (min(int(part), BOX_SCALE - 1) if int(part) <= BOX_SCALE else -1 for part in parts)
+    if min(x1, y1, x2, y2) < 0 or x1 > x2 or y1 > y2:
+        return None
+    return dequantize_box((x1, y1, x2, y2), *size)
