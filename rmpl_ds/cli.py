@@ -25,10 +25,12 @@ from rmpl_ds.log import setup_logging
 # Subcommand name -> module. Registered explicitly (no discovery), in the order `--help` lists them.
 SUBCOMMANDS: dict[str, str] = {
     "check": "rmpl_ds.commands.check",
+    "mix": "rmpl_ds.commands.mix",
     "plan": "rmpl_ds.commands.plan",
     "shards": "rmpl_ds.commands.shards",
     "demo-data": "rmpl_ds.commands.demo_data",
     "score": "rmpl_ds.commands.score",
+    "train": "rmpl_ds.commands.train",
 }
 
 

@@ -1,0 +1,118 @@
+"""Run one stage of a recipe under the deepspeed launcher (one process per GPU; 2 CPU ranks without a GPU).
+
+    rmpl-ds train launch/recipes/rmpl_qwen2vl_7b.yaml --stage stage1 --gpus 2
+    rmpl-ds train RECIPE --stage stage2 --resume auto stages.stage2.lr=2e-5
+    rmpl-ds train RECIPE --stage stage1 --hostfile launch/hostfile.example --gpus 8   # several nodes
+
+Before anything starts, the recipe is validated for the world size (gpus per node x nodes) and, on a GPU host,
+the memory planner must say the stage fits the card (``--force`` overrides). The launched command is
+``deepspeed --num_gpus N [--hostfile F] --module rmpl_ds.train RECIPE --stage NAME ...``.
+
+Resume: ``--resume auto`` (the default) continues from the newest complete checkpoint of the stage, ``--resume
+PATH`` from a given checkpoint directory, ``--resume none`` starts over. Checkpoints are verified against the
+hashes written with them; never resume from a checkpoint you did not write (DeepSpeed's files are pickles).
+
+Stopping: SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; a second one aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HELP = "run one stage of a recipe under the deepspeed launcher"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    parser.add_argument("--stage", required=True, help="the stage to run")
+    parser.add_argument("--gpus", type=int, default=None, help="processes per node (default: the recipe's launch.gpus)")
+    parser.add_argument("--hostfile", default=None, help="deepspeed hostfile for several nodes")
+    parser.add_argument("--out", default=None, help="run directory (default: the recipe's output_dir)")
+    parser.add_argument("--resume", default="auto", help="auto, none, or a checkpoint directory")
+    parser.add_argument("--new-phase", action="store_true", help="resume although the data mixture or shards changed")
+    parser.add_argument("--force", action="store_true", help="start although the memory planner says it does not fit")
+    parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: deepspeed's)")
+
+
+def launcher_command(args: argparse.Namespace, gpus: int) -> list[str]:
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    command = [deepspeed or "deepspeed", "--num_gpus", str(gpus)]
+    if args.hostfile:
+        command += ["--hostfile", args.hostfile]
+    if args.master_port:
+        command += ["--master_port", str(args.master_port)]
+    command += ["--module", "rmpl_ds.train", args.recipe, "--stage", args.stage, "--resume", args.resume]
+    if args.out:
+        command += ["--out", args.out]
+    if args.new_phase:
+        command.append("--new-phase")
+    return command + list(args.overrides)
+
+
+def preflight(args: argparse.Namespace) -> int:
+    """Validate everything that can be checked before a process starts; returns the ranks per node."""
+    from rmpl_ds.config import load_recipe
+    from rmpl_ds.ds_config import load_ds_config
+    from rmpl_ds.errors import UserError
+
+    base = load_recipe(args.recipe, args.overrides)
+    gpus = args.gpus or base.launch.gpus
+    nodes = _hostfile_nodes(args.hostfile) if args.hostfile else base.launch.nodes
+    recipe = load_recipe(args.recipe, args.overrides, world_size=gpus * nodes)
+    stage = recipe.stage(args.stage)
+    load_ds_config(recipe.launch.deepspeed_config)
+    missing = [
+        f"{s.source} ({recipe.sources[s.source]})"
+        for s in stage.mixture
+        if not (Path(recipe.sources[s.source]) / "manifest.json").is_file()
+    ]
+    if missing:
+        raise UserError(
+            f"stage {stage.name}: no shards for {', '.join(missing)}; build them with `rmpl-ds shards build`"
+        )
+    import torch
+
+    if torch.cuda.is_available():
+        from rmpl_ds.plan import check_fits
+
+        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        check_fits(recipe, gpus * nodes, gpu_mem_gib=memory_gib, force=args.force, stage=stage.name)
+    return gpus
+
+
+def _hostfile_nodes(hostfile: str) -> int:
+    from rmpl_ds.errors import UserError
+
+    try:
+        lines = Path(hostfile).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UserError(f"{hostfile}: cannot read the hostfile: {error.strerror}") from None
+    nodes = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not nodes:
+        raise UserError(f"{hostfile}: no hosts listed")
+    return len(nodes)
+
+
+def run(args: argparse.Namespace) -> int:
+    gpus = preflight(args)
+    env = dict(
+        os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    )
+    process = subprocess.Popen(launcher_command(args, gpus), env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        process.send_signal(signum)  # the launcher passes it to every rank, which checkpoint and exit
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
