@@ -31,6 +31,9 @@ SUBCOMMANDS: dict[str, str] = {
     "demo-data": "rmpl_ds.commands.demo_data",
     "score": "rmpl_ds.commands.score",
     "train": "rmpl_ds.commands.train",
+    "pipeline": "rmpl_ds.commands.pipeline",
+    "smoke": "rmpl_ds.commands.smoke",
+    "eval": "rmpl_ds.commands.eval",
 }
 
 

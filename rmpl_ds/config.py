@@ -156,13 +156,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RawSource:
+    """Where `rmpl-ds pipeline` builds a missing shard set from: a converter (``ace``, ``imsitu``, ``swig``, ``mnre``,
+    ``m2e2``), its raw input and, for image sources, the image directory."""
+
+    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2"]
+    input: str
+    images: str | None = None
+    shard_size: int = 1000
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A whole pipeline. ``sources`` maps a source name to its shard directory."""
+    """A whole pipeline. ``sources`` maps a source name to its shard directory; ``raw`` (optional) says how to
+    build a source's shards when they are missing."""
 
     name: str
     model: ModelConfig
     sources: dict[str, str]
     stages: tuple[StageConfig, ...]
+    raw: dict[str, RawSource] = field(default_factory=dict)
     output_dir: str = "runs/{name}"
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -341,6 +354,10 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
         add("model.dtype", "qlora computes in bf16; set dtype: bf16", depends=("model.mode",))
     if not recipe.sources:
         add("sources", "at least one source is required")
+    for name, raw in recipe.raw.items():
+        if name not in recipe.sources:
+            add(f"raw.{name}", f"not a source of this recipe ({sorted(recipe.sources)})", depends=("sources",))
+        _positive(problems, f"raw.{name}.shard_size", raw.shard_size)
     _positive(problems, "launch.gpus", launch.gpus)
     _positive(problems, "launch.nodes", launch.nodes)
     if launch.num_workers < 0:

@@ -11,12 +11,15 @@ incomplete or modified one, or one produced by a different recipe is refused wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from rmpl_ds.checkpoint import file_hashes
 from rmpl_ds.config import Recipe, fingerprint
@@ -62,7 +65,9 @@ def write_export(
     tmp.mkdir(parents=True)
     try:
         write_model(tmp)
+        weights = {"weights_digest": weights_digest(export_tensors(tmp).values())} if kind == "merged" else {}
         manifest = {
+            **weights,
             "stage": stage_name,
             "step": step,
             "kind": kind,
@@ -83,6 +88,41 @@ def write_export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def weights_digest(tensors: Iterable[Any]) -> str:
+    """sha256 over the set of per-tensor digests (dtype, shape, bytes), in sorted order.
+
+    Names are left out on purpose: transformers saves checkpoints under other names than a live model's
+    ``state_dict`` (and ties some weights), but the set of tensors is the same. Computed on an export's files
+    and on the model a stage loaded from it, equal digests show that the next stage starts from exactly the
+    previous stage's final weights.
+    """
+    digests = set()
+    for tensor in tensors:
+        tensor = tensor.detach().contiguous().cpu()
+        digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        digests.add(digest.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+
+
+def export_tensors(directory: Path) -> dict[str, Any]:
+    """All tensors of an export's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def loaded_base_weights(model: Any) -> list[Any]:
+    """The base weights of a (possibly LoRA-wrapped) model: everything but the adapter's own tensors."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [
+        tensor for name, tensor in base.state_dict().items() if "lora_" not in name and "modules_to_save" not in name
+    ]
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -7,8 +7,11 @@ type and roles are recoverable from the text (a trigger word per type, arguments
 image (a large shape whose shape and colour encode the type, a small glyph per role with its box). The same
 --seed and --size give byte-identical files.
 
+With --tiny-model DIR it also writes a tiny random-initialized model of the --family architecture (a normal HF
+directory with a locally trained tokenizer), the model the demo recipe trains.
+
 Example:
-  rmpl-ds demo-data --out demo_out/raw --seed 0 --size 300
+  rmpl-ds demo-data --out demo_out/raw --seed 0 --size 300 --tiny-model demo_out/models/tiny-qwen2-vl
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, default=DEFAULT_SIZE, help=f"records per source, roughly (default {DEFAULT_SIZE})"
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--tiny-model", type=Path, default=None, help="also write a tiny random model directory here")
+    parser.add_argument(
+        "--family", default="qwen2-vl", help="architecture of --tiny-model: qwen2-vl, qwen3-vl or internvl3_5"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     summary = write_demo(args.out, seed=args.seed, size=args.size)
     elapsed = time.perf_counter() - started
+    if args.tiny_model is not None:
+        from rmpl_ds.backbones.tiny import build_tiny
+
+        build_tiny(args.family, args.tiny_model, seed=args.seed)
+        print(f"{args.tiny_model}: tiny random-initialized {args.family} model")
     if args.json:
         print(json.dumps({**summary.to_json(), "build_commands": summary.build_commands}, indent=2))
         return 0

@@ -18,12 +18,14 @@ Stopping: SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "run one stage of a recipe under the deepspeed launcher"
 
@@ -100,7 +102,27 @@ def _hostfile_nodes(hostfile: str) -> int:
     return len(nodes)
 
 
+def rank_processes(launcher_pid: int) -> list[Any]:
+    """The training ranks under a launcher (deepspeed's runner starts launch.py, which starts the ranks)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            cmdline = child.cmdline()
+            # launch.py's own command line names the module too; only the ranks carry --local_rank=N.
+            if "rmpl_ds.train" in cmdline and any(arg.startswith("--local_rank=") for arg in cmdline):
+                ranks.append(child)
+    return ranks
+
+
 def run(args: argparse.Namespace) -> int:
+    import psutil
+
     gpus = preflight(args)
     env = dict(
         os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -108,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
     process = subprocess.Popen(launcher_command(args, gpus), env=env)
 
     def forward(signum: int, frame: object) -> None:
-        process.send_signal(signum)  # the launcher passes it to every rank, which checkpoint and exit
+        # Straight to the ranks: they finish the step, checkpoint and exit 0, so the launcher exits 0 too (the
+        # launcher itself, when signalled, kills its ranks and exits 1 whatever they did).
+        ranks = rank_processes(process.pid) if process.poll() is None else []
+        for rank in ranks or [process]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                rank.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -1,0 +1,224 @@
+"""A whole recipe: shards -> every stage (deepspeed launcher) -> evaluation of each model -> report.
+
+Resumable at stage granularity: a stage whose verified export and summary exist is not run again; an
+interrupted stage resumes from its newest complete checkpoint (``--resume auto``); an evaluation whose scores
+exist for the same model export is reused. ``<run dir>/summary.json`` records the stages (steps, final loss,
+wall time, checkpoint and export paths) and ``"eval": {"baseline": S, "<stage>": S, ...}`` where each S is the
+``rmpl-ds score --json`` object; ``report.md`` shows them in the paper's Table 2 layout with training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rmpl_ds import handoff
+from rmpl_ds.config import Recipe, load_recipe
+from rmpl_ds.errors import UserError
+from rmpl_ds.log import get_logger
+
+log = get_logger(__name__)
+
+# Settings compared to show learning: the event-mention F1 of the final model against the untrained base.
+LEARNING_SETTINGS = ("text_only", "image_only")
+
+
+def run_pipeline(
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    out: str | Path | None = None,
+    gpus: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the recipe end to end and return the summary (also written to ``<run dir>/summary.json``)."""
+    began = time.perf_counter()
+    base = load_recipe(recipe_path, overrides)
+    gpus = gpus or base.launch.gpus
+    recipe = load_recipe(recipe_path, overrides, world_size=gpus * base.launch.nodes)
+    run_dir = Path(out) if out else recipe.out_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    build_missing_shards(recipe)
+    stages = {}
+    for stage in recipe.stages:
+        stages[stage.name] = run_stage(recipe_path, overrides, recipe, stage.name, run_dir, gpus, force)
+
+    models = {"baseline": recipe.model.path} | {name: info["export"] for name, info in stages.items()}
+    scores = {name: evaluate(recipe, name, path, run_dir, gpus) for name, path in models.items()}
+    final = recipe.stages[-1].name
+    margin = {
+        setting: round(
+            scores[final]["event_mention"][setting]["f1"] - scores["baseline"]["event_mention"][setting]["f1"], 2
+        )
+        for setting in LEARNING_SETTINGS
+    }
+    summary = {
+        "recipe": str(recipe_path),
+        "name": recipe.name,
+        "run_dir": str(run_dir),
+        "world_size": gpus * recipe.launch.nodes,
+        "stages": stages,
+        "eval": scores,
+        "learning_margin_em_f1": margin,
+        "wall_time_s": round(time.perf_counter() - began, 1),
+    }
+    report = write_pipeline_report(run_dir, recipe, summary)
+    summary["report"] = str(report)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def build_missing_shards(recipe: Recipe) -> None:
+    """Reuse existing shard sets; build the missing ones the recipe's ``raw`` section describes."""
+    from rmpl_ds.commands.shards import build
+
+    for name, shard_dir in recipe.sources.items():
+        if (Path(shard_dir) / "manifest.json").is_file():
+            log.info("shards %s: reusing %s", name, shard_dir)
+            continue
+        raw = recipe.raw.get(name)
+        if raw is None:
+            raise UserError(
+                f"sources.{name}: no shards at {shard_dir} and no raw.{name} entry to build them from; "
+                f"run `rmpl-ds shards build --source ... --out {shard_dir}`"
+            )
+        log.info("shards %s: building %s from %s", name, shard_dir, raw.input)
+        code = build(
+            raw.converter,
+            Path(raw.input),
+            out_dir=Path(shard_dir),
+            images_dir=Path(raw.images) if raw.images else None,
+            shard_size=raw.shard_size,
+        )
+        if code != 0:
+            raise UserError(
+                f"sources.{name}: no record of {raw.input} could be converted (see {shard_dir}/manifest.json)"
+            )
+
+
+def run_stage(
+    recipe_path: str | Path, overrides: Sequence[str], recipe: Recipe, name: str, run_dir: Path, gpus: int, force: bool
+) -> dict[str, Any]:
+    """Run one stage under the launcher unless its export is complete; returns its summary."""
+    stage_dir = run_dir / name
+    summary_path = stage_dir / "summary.json"
+    if summary_path.is_file():
+        try:
+            handoff.verify_export(handoff.export_path(stage_dir), recipe, name)
+        except UserError as error:
+            log.warning("stage %s: %s; running it again", name, error)
+        else:
+            log.info("stage %s: finished earlier, reusing %s", name, stage_dir)
+            return json.loads(summary_path.read_text(encoding="utf-8"))
+    command = [
+        sys.executable,
+        "-m",
+        "rmpl_ds",
+        "train",
+        str(recipe_path),
+        "--stage",
+        name,
+        "--out",
+        str(run_dir),
+        "--gpus",
+        str(gpus),
+        "--resume",
+        "auto",
+        *(["--force"] if force else []),
+        *overrides,
+    ]
+    log.info("stage %s: %s", name, " ".join(command))
+    code = subprocess.call(command, env=os.environ.copy())
+    if code != 0 or not summary_path.is_file():
+        raise UserError(
+            f"stage {name} failed (exit code {code}); fix the cause and run the pipeline again: finished stages "
+            "are kept and this one resumes from its last checkpoint"
+        )
+    return json.loads(summary_path.read_text(encoding="utf-8"))
+
+
+def evaluate(recipe: Recipe, name: str, model_dir: str, run_dir: Path, gpus: int) -> dict[str, Any]:
+    """M2E2 scores of one model, reused when they exist for the same weights."""
+    from rmpl_ds.evaluate.infer import evaluate_model
+
+    evaluation = recipe.evaluation
+    if evaluation.m2e2 is None or evaluation.images is None:
+        raise UserError("evaluation.m2e2 and evaluation.images must name the M2E2 annotations and image directories")
+    out_dir = run_dir / "eval" / name
+    stamp = _model_stamp(Path(model_dir))
+    scores_path, stamp_path = out_dir / "scores.json", out_dir / "model.json"
+    if scores_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        log.info("eval %s: reusing %s", name, scores_path)
+        return json.loads(scores_path.read_text(encoding="utf-8"))
+    log.info("eval %s: %s", name, model_dir)
+    scores = evaluate_model(
+        model_dir,
+        evaluation.m2e2,
+        evaluation.images,
+        out_dir,
+        settings=evaluation.settings,
+        batch_size=evaluation.batch_size,
+        max_new_tokens=evaluation.max_new_tokens,
+        gpus=1 if gpus < 1 else gpus,
+        name=name,
+        limit=evaluation.limit,
+    )
+    stamp_path.write_text(json.dumps(stamp), encoding="utf-8")
+    return scores
+
+
+def _eval_processes(gpus: int) -> int:
+    """One evaluation process per GPU; on a CPU host one process (generation already uses every core)."""
+    import torch
+
+    return min(gpus, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def _model_stamp(model_dir: Path) -> dict[str, Any]:
+    """What identifies a model directory's weights: the export manifest's digest, or the weight files' sizes."""
+    manifest = model_dir / handoff.MANIFEST
+    if manifest.is_file():
+        return {"export": json.loads(manifest.read_text(encoding="utf-8")).get("files")}
+    return {"files": {p.name: p.stat().st_size for p in sorted(model_dir.glob("*.safetensors"))}}
+
+
+def write_pipeline_report(run_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
+    """report.md: Table 2 for every evaluated model, the learning margin, training curves and run facts."""
+    from rmpl_ds.evaluate.curves import plot_training_curves
+    from rmpl_ds.evaluate.report import write_report
+
+    curves = plot_training_curves(run_dir, recipe)
+    margin = summary["learning_margin_em_f1"]
+    final = recipe.stages[-1].name
+    lines = [
+        "## Learning",
+        "",
+        f"Event-mention F1 of the final model ({final}) minus the untrained base model: "
+        + ", ".join(f"{setting} {value:+.2f} points" for setting, value in margin.items())
+        + ".",
+        "",
+        "## Training curves",
+        "",
+        *[f"![{path.stem}]({path.relative_to(run_dir).as_posix()})" for path in curves],
+        "",
+        "## Run",
+        "",
+        "| stage | steps | final loss | wall time (s) | export |",
+        "|---|---:|---:|---:|---|",
+        *[
+            f"| {name} | {info['steps']} | {info['final_loss']:.4f} | {info['wall_time_s']:.1f} | {info['export']} |"
+            for name, info in summary["stages"].items()
+        ],
+        "",
+        f"Recipe `{summary['recipe']}` ({recipe.model.family}, {recipe.model.mode}), world size "
+        f"{summary['world_size']}, seeds {', '.join(str(s.seed) for s in recipe.stages)}.",
+    ]
+    paths = write_report(run_dir, summary["eval"], extra_md="\n".join(lines))
+    return paths.markdown

@@ -1,0 +1,412 @@
+"""One training stage, top to bottom: recipe -> data -> model -> DeepSpeed engine -> loop -> export.
+
+Run under the deepspeed launcher (one process per GPU; with no GPU, DeepSpeed's CPU accelerator and gloo)::
+
+    deepspeed --num_gpus 2 -m rmpl_ds.train launch/recipes/rmpl_qwen2vl_7b.yaml --stage stage1
+    rmpl-ds train launch/recipes/rmpl_qwen2vl_7b.yaml --stage stage1 --gpus 2     # starts the launcher for you
+
+What a stage guarantees:
+
+* the data are the recipe's mixture, exact in every window, from the slot-stream sampler (rmpl_ds.mixing);
+* a checkpoint every ``checkpoint_every`` steps and at the end, sealed only when every rank finished writing;
+  ``--resume auto`` continues from the newest sealed one and logs the same losses as an uninterrupted run
+  (bitwise on CPU);
+* SIGTERM / SIGINT finish the current step, checkpoint and exit 0 (a second signal aborts);
+* at the end, an export (merged HF directory or PEFT adapter) with a manifest the next stage verifies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmpl_ds import checkpoint, dist, engine, handoff
+from rmpl_ds.collate import model_inputs
+from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
+from rmpl_ds.ds_config import fill, load_ds_config, zero_stage
+from rmpl_ds.errors import USER_ERROR_EXIT, UserError
+from rmpl_ds.log import get_logger, setup_logging
+
+log = get_logger("rmpl_ds.train")
+
+# Batch keys the loop consumes itself (the loss is computed here, per stream); the rest are model inputs.
+LOOP_KEYS = ("labels", "stream_index", "loss_weight")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rmpl_ds.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    parser.add_argument("--stage", required=True, help="name of the stage to run")
+    parser.add_argument("--out", default=None, help="run directory (default: the recipe's output_dir)")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint dir")
+    parser.add_argument(
+        "--new-phase", action="store_true", help="resume even if the data mixture or shards changed (a new phase)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and exit after this optimizer step (planned preemption)",
+    )
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args, unknown = parser.parse_known_args(argv)
+    bad = [token for token in unknown if "=" not in token or token.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *unknown]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"rmpl_ds.train [rank {dist.rank()}]: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+@dataclass
+class StageRun:
+    """Where a stage writes: ``<run dir>/<stage>/{checkpoints, export, tensorboard, metrics.jsonl, summary.json}``."""
+
+    recipe: Recipe
+    stage: StageConfig
+    run_dir: Path
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage.name
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+
+def run(args: argparse.Namespace) -> int:
+    # ---- 1. recipe and runtime
+    recipe = load_recipe(args.recipe, args.overrides, world_size=dist.world_size())
+    stage = recipe.stage(args.stage)
+    paths = StageRun(recipe, stage, Path(args.out) if args.out else recipe.out_dir())
+    device = engine.configure_runtime(deterministic=not torch.cuda.is_available())
+    engine.init_distributed(device)
+    world, rank = dist.world_size(), dist.rank()
+    plan = batch_plan(stage.global_batch, stage.micro_batch, world)
+    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    log.info(
+        "stage %s: %d steps, batch %d = %d x %d x %d ranks",
+        stage.name,
+        stage.steps,
+        plan.global_batch,
+        plan.micro_batch,
+        plan.accumulation,
+        world,
+    )
+
+    # ---- 2. model (the same initial weights on every rank: DeepSpeed also broadcasts rank 0's)
+    engine.seed_everything(stage.seed)
+    model, bundle, init_path = load_model(paths, device, zero_stage(ds_config))
+
+    # ---- 3. data
+    from rmpl_ds.data import StageData
+
+    data = StageData.build(recipe, stage, bundle)
+    log.info("mixture: window discrepancy %.3f over streams %s", data.stream.discrepancy, ", ".join(data.stream_names))
+
+    # ---- 4. engine
+    import deepspeed
+
+    optimizer, scheduler = engine.build_optimizer(model, stage)
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=fill(ds_config, stage, plan, bf16=recipe.model.dtype == "bf16"),
+    )
+
+    # ---- 5. resume
+    start_step, next_slot = 0, 0
+    ref = checkpoint.find(paths.checkpoint_root, args.resume)
+    if ref is not None:
+        start_step, next_slot = resume(ds_engine, ref, data, paths, args.new_phase)
+    else:
+        engine.seed_everything(stage.seed * 1000 + rank)  # dropout differs per rank, deterministically
+    if start_step >= stage.steps:
+        log.info("stage %s already finished at step %d", stage.name, start_step)
+    loader = data.loader(next_slot=next_slot, micro_batch=plan.micro_batch, num_workers=recipe.launch.num_workers)
+
+    # ---- 6. loop
+    from rmpl_ds.monitor import Monitor
+
+    monitor = Monitor(
+        paths.stage_dir,
+        total_steps=stage.steps,
+        start_step=start_step,
+        tensorboard=recipe.logging.tensorboard,
+        console_every=recipe.logging.console_every,
+    )
+    stop = engine.GracefulStop()
+    stream_names = data.stream_names
+    step = start_step
+    last_saved = start_step if ref is not None else -1
+    batches = iter(loader)
+    began = time.perf_counter()
+    final_loss = float("nan")
+    try:
+        while step < stage.steps:
+            lr = ds_engine.get_lr()[0]  # the lr this step applies (the schedule advances inside engine.step)
+            metrics = train_step(ds_engine, batches, plan.accumulation, device, stream_names)
+            step += 1
+            metrics.update(step=step, lr=lr)
+            metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
+            metrics["peak_memory_gib"] = peak_memory_gib(device)
+            final_loss = metrics["loss"]
+            if step % recipe.logging.log_every == 0 or step == stage.steps:
+                monitor.log_step(metrics)
+            stopping = stop.agreed(device) or step == args.stop_after
+            if step % stage.checkpoint_every == 0 or step == stage.steps or stopping:
+                save(ds_engine, paths, step, data, step * plan.global_batch)
+                last_saved = step
+            if stopping:
+                log.warning(
+                    "stopped after step %d (%s); resume with --resume auto", step, stop.signal_name or "--stop-after"
+                )
+                return 0
+    finally:
+        monitor.close()
+        stop.restore()
+    if last_saved != step:
+        save(ds_engine, paths, step, data, step * plan.global_batch)
+
+    # ---- 7. export for the next stage
+    export = export_stage(ds_engine.module, bundle, paths, step, init_path)
+    if dist.is_main():
+        summary = {
+            "stage": stage.name,
+            "steps": step,
+            "final_loss": final_loss,
+            "wall_time_s": round(time.perf_counter() - began, 3),
+            "world_size": world,
+            "export": str(export),
+            "init_from": stage.init_from,
+            "init_digest": bundle.extra.get("init_digest"),
+            "checkpoints": str(paths.checkpoint_root),
+        }
+        (paths.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        log.info("stage %s done: export %s", stage.name, export)
+    dist.barrier()
+    return 0
+
+
+def load_model(paths: StageRun, device: torch.device, zero: int) -> tuple[Any, Any, str]:
+    """The stage's starting model: the recipe's base, or the verified export of the ``init_from`` stage."""
+    from rmpl_ds.backbones import LoraSettings, get_adapter
+
+    recipe, stage = paths.recipe, paths.stage
+    model_cfg = recipe.model
+    path = model_cfg.path
+    adapter_weights = None
+    if stage.init_from is not None:
+        export = handoff.export_path(paths.run_dir / stage.init_from)
+        manifest = handoff.verify_export(export, recipe, stage.init_from)
+        if manifest["kind"] == "merged":
+            path = str(export)
+        else:
+            path, adapter_weights = manifest["base_model"], export
+        log.info(
+            "stage %s starts from %s (export of %s, step %d)", stage.name, export, stage.init_from, manifest["step"]
+        )
+    adapter = get_adapter(model_cfg.family)
+    lora = model_cfg.lora
+    model, bundle = adapter.load(
+        path,
+        model_cfg.mode,
+        lora=LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets),
+        train_vision_tower=model_cfg.train_vision_tower,
+        train_projector=model_cfg.train_projector,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32,
+        device=device,
+        zero_stage=zero,
+        image_size=model_cfg.image_size,
+        max_image_tokens=model_cfg.max_image_tokens,
+    )
+    if adapter_weights is not None:
+        load_adapter_weights(model, adapter_weights)
+    if stage.init_from is not None and manifest["kind"] == "merged":
+        # Prove the hand-off: the base weights this stage holds are bit for bit the exported ones.
+        init_digest = handoff.weights_digest(handoff.loaded_base_weights(model))
+        if init_digest != manifest["weights_digest"]:
+            raise UserError(f"{export}: the loaded weights differ from the export (digest mismatch)")
+        log.info("stage %s holds exactly the weights of %s (digest %s)", stage.name, stage.init_from, init_digest[:12])
+        bundle.extra["init_digest"] = init_digest
+    return model, bundle, path
+
+
+def load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    """Continue training the previous stage's adapter (an ``export: adapter`` hand-off)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"{adapter_dir}: adapter weights do not fit this model ({len(unexpected)} unexpected keys)")
+
+
+def train_step(
+    ds_engine: Any, batches: Any, accumulation: int, device: torch.device, stream_names: Sequence[str]
+) -> dict[str, Any]:
+    """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
+
+    Returns the step's metrics, reduced over ranks: total loss (the mean of the per-sample weighted losses),
+    loss per stream, throughput and the real-token fraction.
+    """
+    began = time.perf_counter()
+    n_streams = len(stream_names)
+    # [loss sum per stream..., samples per stream..., weighted loss sum, samples, real tokens, padded tokens]
+    sums = [0.0] * (2 * n_streams + 4)
+    for _ in range(accumulation):
+        batch = next(batches)
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
+        outputs = ds_engine(**inputs, use_cache=False)
+        parts = engine.stream_loss(outputs.logits, batch["labels"], batch["loss_weight"])
+        ds_engine.backward(parts.loss)
+        ds_engine.step()
+        for stream_index, sample_loss in zip(batch["stream_index"].tolist(), parts.sample_losses.tolist(), strict=True):
+            sums[stream_index] += sample_loss
+            sums[n_streams + stream_index] += 1
+        sums[-4] += parts.loss.item() * len(parts.sample_losses)
+        sums[-3] += len(parts.sample_losses)
+        mask = batch["attention_mask"]
+        sums[-2] += float(mask.sum())
+        sums[-1] += float(mask.numel())
+    total = engine.reduce_sums(sums, device)
+    elapsed = time.perf_counter() - began
+    loss_by_stream = {
+        name: total[i] / total[n_streams + i] for i, name in enumerate(stream_names) if total[n_streams + i] > 0
+    }
+    grad_norm = ds_engine.get_global_grad_norm()
+    return {
+        "loss": total[-4] / max(total[-3], 1.0),
+        "loss_by_stream": loss_by_stream,
+        "stream_counts": {name: int(total[n_streams + i]) for i, name in enumerate(stream_names)},
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples_per_s": total[-3] / elapsed,
+        "tokens_per_s": total[-2] / elapsed,
+        "real_token_fraction": total[-2] / max(total[-1], 1.0),
+        "step_time_s": elapsed,
+    }
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory of this rank (GPU allocator peak; on CPU the process's peak resident set)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# Stage settings that may change on resume without changing what is trained (the batch split is elastic).
+ELASTIC_KEYS = ("micro_batch", "checkpoint_every", "keep_last", "max_bad_steps")
+
+
+def stage_fingerprint(stage: StageConfig) -> str:
+    return fingerprint({k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS})
+
+
+def client_state(paths: StageRun, data: Any, next_slot: int, step: int) -> dict[str, Any]:
+    return {
+        "rmpl": {
+            "step": step,
+            "stage": paths.stage.name,
+            "recipe_fingerprint": stage_fingerprint(paths.stage),
+            "sampler": data.stream.state(next_slot),
+            "rng": engine.gather_rng(),
+            "world_size": dist.world_size(),
+        }
+    }
+
+
+def save(ds_engine: Any, paths: StageRun, step: int, data: Any, next_slot: int) -> None:
+    state = client_state(paths, data, next_slot, step)
+    trainable_only = paths.recipe.model.mode in ("lora", "qlora")
+    ref = checkpoint.save(
+        ds_engine, paths.checkpoint_root, step, state, keep_last=paths.stage.keep_last, trainable_only=trainable_only
+    )
+    log.info("checkpoint %s", ref.path)
+
+
+def resume(
+    ds_engine: Any, ref: checkpoint.CheckpointRef, data: Any, paths: StageRun, new_phase: bool
+) -> tuple[int, int]:
+    """Load a verified checkpoint; returns (step, next slot). Refuses a changed recipe stage or data mixture."""
+    checkpoint.verify(ref)
+    trainable_only = paths.recipe.model.mode in ("lora", "qlora")
+    loaded, client = ds_engine.load_checkpoint(
+        str(ref.root),
+        tag=ref.tag,
+        load_module_strict=not trainable_only,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if loaded is None or not client or "rmpl" not in client:
+        raise UserError(f"{ref.path}: DeepSpeed could not load this checkpoint")
+    state = client["rmpl"]
+    if state["stage"] != paths.stage.name:
+        raise UserError(f"{ref.path}: a checkpoint of stage {state['stage']!r}, not {paths.stage.name!r}")
+    if state["recipe_fingerprint"] != stage_fingerprint(paths.stage) and not new_phase:
+        raise UserError(
+            f"{ref.path}: the stage's settings changed since this checkpoint (steps, lr, batch, mixture, ...); "
+            "pass --new-phase to continue with the new settings, or --resume none to start over"
+        )
+    data.stream, next_slot = data.stream.resume(state["sampler"], new_phase=new_phase)
+    if state["world_size"] == dist.world_size():
+        engine.restore_rng(state["rng"][dist.rank()])
+    else:
+        log.warning("world size changed (%d -> %d): RNG states are reseeded", state["world_size"], dist.world_size())
+        engine.seed_everything(paths.stage.seed * 1000 + dist.rank() + 7919 * state["step"])
+    log.info("resumed from %s: step %d, next slot %d", ref.path, state["step"], next_slot)
+    return int(state["step"]), int(next_slot)
+
+
+def export_stage(model: Any, bundle: Any, paths: StageRun, step: int, init_path: str) -> Path:
+    """Rank 0 exports the stage (merged weights or the adapter) with its manifest; the others wait."""
+    kind = paths.stage.export if paths.recipe.model.mode != "full" else "merged"
+    if dist.is_main():
+        adapter = bundle.adapter
+
+        def write_model(directory: Path) -> None:
+            if kind == "merged":
+                adapter.merge_and_export(model, directory / "model", bundle)
+            else:
+                adapter.export_adapter(model, directory / "model", bundle)
+            for item in (directory / "model").iterdir():
+                item.rename(directory / item.name)
+            (directory / "model").rmdir()
+
+        handoff.write_export(
+            paths.stage_dir,
+            write_model,
+            recipe=paths.recipe,
+            stage_name=paths.stage.name,
+            step=step,
+            kind=kind,
+            base_model=init_path,
+        )
+    dist.barrier()
+    return handoff.export_path(paths.stage_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

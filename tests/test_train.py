@@ -1,0 +1,258 @@
+"""The stage runner under the real deepspeed launcher: 2 gloo ranks on the CPU, a tiny Qwen2-VL, demo shards.
+
+One uninterrupted reference run of Stage I, then runs that are stopped (SIGTERM; kill -9 of one rank) and resumed
+must log exactly the same losses (bitwise: CPU, deterministic algorithms). Stage II must start from exactly Stage
+I's exported weights. QLoRA runs the same loop. Each launcher run takes ~30-60 s here, hence `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rmpl_ds.checkpoint import complete_checkpoints
+from rmpl_ds.commands.train import rank_processes
+from rmpl_ds.evaluate.curves import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> dict:
+    from rmpl_ds.commands.shards import build
+    from rmpl_ds.sources.demo import write_demo
+
+    base = tmp_path_factory.mktemp("train")
+    raw = base / "raw"
+    write_demo(raw, seed=0, size=40)
+    shards = {}
+    for name, converter, source, images in (
+        ("ace", "ace", raw / "ace", None),
+        ("swig", "swig", raw / "swig" / "SWiG_jsons", raw / "swig" / "images_512"),
+        ("mnre", "mnre", raw / "mnre" / "mnre_txt", raw / "mnre" / "img_org"),
+    ):
+        shards[name] = base / "shards" / name
+        assert build(converter, source, out_dir=shards[name], images_dir=images) == 0
+    stage = {
+        "steps": STEPS,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "global_batch": 4,
+        "micro_batch": 1,
+        "checkpoint_every": 2,
+        "keep_last": 2,
+    }
+    recipe = {
+        "name": "train-test",
+        "model": {
+            "family": "qwen2-vl",
+            "path": str(tiny_model_dir("qwen2-vl")),
+            "mode": "lora",
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
+            "max_seq_len": 512,
+        },
+        "sources": {name: str(path) for name, path in shards.items()},
+        "stages": [
+            {
+                "name": "stage1",
+                "mixture": [
+                    {"source": "ace", "task": "t", "weight": 1},
+                    {"source": "swig", "task": "i", "weight": 1},
+                    {"source": "mnre", "task": "r", "weight": 1},
+                ],
+                **stage,
+            },
+            {
+                "name": "stage2",
+                "init_from": "stage1",
+                "mixture": [
+                    {"source": "ace", "task": "EM", "weight": 1},
+                    {"source": "swig", "task": "AR", "weight": 1},
+                ],
+                **stage,
+                "steps": 2,
+            },
+        ],
+        "launch": {"gpus": 2, "deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 1},
+        "logging": {"console_every": 1},
+    }
+    path = base / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return {"base": base, "recipe": path}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train(setup: dict, out: Path, stage: str = "stage1", *extra: str, wait: bool = True):
+    command = [
+        sys.executable,
+        "-m",
+        "rmpl_ds",
+        "train",
+        str(setup["recipe"]),
+        "--stage",
+        stage,
+        "--out",
+        str(out),
+        "--master-port",
+        str(free_port()),
+        *extra,
+    ]
+    log = (out.parent / f"{out.name}-{stage}-{time.monotonic_ns()}.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
+    if not wait:
+        return process
+    code = process.wait(timeout=600)
+    assert code == 0, Path(log.name).read_text()[-4000:]
+    return process
+
+
+def losses(out: Path, stage: str = "stage1") -> list[float]:
+    return [m["loss"] for m in read_metrics(out / stage / "metrics.jsonl")]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (exit code {process.returncode}) before the condition held"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(setup: dict) -> Path:
+    """The uninterrupted Stage I run every resumed run is compared with."""
+    out = setup["base"] / "reference"
+    train(setup, out)
+    return out
+
+
+def test_stage_run_logs_checkpoints_and_exports(reference: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = read_metrics(reference / "stage1" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    first = metrics[0]
+    assert set(first["loss_by_stream"]) <= {"ace:t", "swig:i", "mnre:r"}
+    assert sum(first["stream_counts"].values()) == 4  # the global batch
+    for key in (
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "real_token_fraction",
+        "peak_memory_gib",
+        "step_time_s",
+        "epochs",
+    ):
+        assert key in first, key
+    # Over all steps the realized mixture is exactly 1:1:1 (32 slots -> 11/11/10).
+    totals = {name: sum(m["stream_counts"][name] for m in metrics) for name in ("ace:t", "swig:i", "mnre:r")}
+    assert sorted(totals.values()) == [10, 11, 11]
+
+    events = EventAccumulator(str(reference / "stage1" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "real_token_fraction",
+        "peak_memory_gib",
+        "loss_by_stream/ace:t",
+        "loss_by_stream/swig:i",
+        "loss_by_stream/mnre:r",
+        "stream_counts/ace:t",
+        "epochs/mnre:r",
+    ):
+        assert tag in tags, tag
+    assert [event.step for event in events.Scalars("loss")] == list(range(1, STEPS + 1))
+    assert events.Scalars("loss")[-1].value == pytest.approx(metrics[-1]["loss"])
+
+    # keep_last 2 of the sealed checkpoints; each holds every rank's ZeRO-2 optimizer shard, and LoRA runs save
+    # only the trainable parameters.
+    refs = complete_checkpoints(reference / "stage1" / "checkpoints")
+    assert [ref.step for ref in refs] == [STEPS - 2, STEPS]
+    files = {p.name for p in refs[-1].path.iterdir()}
+    assert {
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "rmpl_complete.json",
+    } <= files
+    model_states = refs[-1].path / "mp_rank_00_model_states.pt"
+    base_weights = sum(p.stat().st_size for p in (reference / "stage1" / "export").glob("*.safetensors"))
+    assert model_states.stat().st_size < base_weights / 2
+    manifest = json.loads((reference / "stage1" / "export" / "rmpl_export.json").read_text())
+    assert manifest["kind"] == "merged" and manifest["step"] == STEPS
+
+
+def test_stage2_starts_from_exactly_stage1s_weights(setup: dict, reference: Path) -> None:
+    train(setup, reference, "stage2")
+    summary = json.loads((reference / "stage2" / "summary.json").read_text())
+    exported = json.loads((reference / "stage1" / "export" / "rmpl_export.json").read_text())
+    assert summary["init_from"] == "stage1"
+    assert summary["init_digest"] == exported["weights_digest"]
+    # A Stage II that would start from a changed Stage I export is refused before training.
+    export = reference / "stage1" / "export"
+    (export / "config.json").write_text((export / "config.json").read_text() + " ")
+    refused = train(setup, reference, "stage2", "--resume", "none", wait=False)
+    refused.wait(timeout=600)
+    assert refused.returncode != 0
+
+
+def test_exact_resume_after_sigterm(setup: dict, reference: Path) -> None:
+    out = setup["base"] / "sigterm"
+    process = train(setup, out, wait=False)
+    wait_for(lambda: len(read_metrics(out / "stage1" / "metrics.jsonl")) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0  # the step finished, a checkpoint was written, every rank exited 0
+    stopped_at = complete_checkpoints(out / "stage1" / "checkpoints")[-1].step
+    assert stopped_at < STEPS
+    assert len(losses(out)) == stopped_at
+    train(setup, out)
+    assert losses(out) == losses(reference)
+
+
+def test_exact_resume_after_kill_9_of_one_rank(setup: dict, reference: Path) -> None:
+    out = setup["base"] / "kill9"
+    process = train(setup, out, wait=False)
+    wait_for(lambda: any(ref.step >= 4 for ref in complete_checkpoints(out / "stage1" / "checkpoints")), process)
+    victim = next(p for p in rank_processes(process.pid) if "--local_rank=1" in p.cmdline())
+    killed_at = time.monotonic()
+    victim.kill()
+    code = process.wait(timeout=120)
+    assert code != 0
+    assert time.monotonic() - killed_at < 60  # the launcher notices and stops the other rank promptly
+    train(setup, out)  # --resume auto: the newest complete checkpoint
+    assert losses(out) == losses(reference)
+
+
+def test_qlora_stage_trains_under_zero2(setup: dict) -> None:
+    out = setup["base"] / "qlora"
+    train(setup, out, "stage1", "model.mode=qlora", "stages.stage1.steps=2", "stages.stage1.checkpoint_every=2")
+    metrics = read_metrics(out / "stage1" / "metrics.jsonl")
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    manifest = json.loads((out / "stage1" / "export" / "rmpl_export.json").read_text())
+    assert manifest["kind"] == "merged"  # dequantized, merged, saved in bf16
