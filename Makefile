@@ -37,9 +37,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The furthest end-to-end part that works today (the demo pipeline issue finishes it).
-demo: $(STAMP)
-	$(VENV)/bin/rmpl-ds check launch/recipes/demo.yaml
+# The whole pipeline on the demo: synthetic data in the real raw formats + a tiny random-init Qwen2-VL, then shards,
+# Stage I and Stage II on 2 CPU ranks, evaluation of the base / Stage I / Stage II models and the report.
+$(DEMO_OUT)/raw/.complete: $(STAMP)
+	$(VENV)/bin/rmpl-ds demo-data --out $(DEMO_OUT)/raw --tiny-model $(DEMO_OUT)/models/tiny-qwen2-vl
+	@touch $@
+
+demo: $(DEMO_OUT)/raw/.complete
+	$(VENV)/bin/rmpl-ds pipeline launch/recipes/demo.yaml
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: $(STAMP)

@@ -229,6 +229,10 @@ def build_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=worker_init_fn,
+        # Starting an iterator draws a worker base seed; from its own generator it leaves the global torch RNG
+        # (dropout) untouched, so a resumed run that restores the RNG continues exactly. Workers use no RNG of
+        # their own: per-sample randomness comes from (seed, slot).
+        generator=torch.Generator().manual_seed(0),
         # In-order delivery is what makes a rank's batches independent of worker timing (torch's default; stated
         # here so nobody turns it off for throughput).
         in_order=True,
