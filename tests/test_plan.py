@@ -363,7 +363,7 @@ def test_demo_recipe_needs_its_tiny_model(monkeypatch: pytest.MonkeyPatch, tiny_
         plan_recipe(recipe)
     plan = plan_recipe(load_recipe(DEMO_RECIPE, [f"model.path={tiny_dir}"]))
     assert plan.params.total == count_parameters(tiny_dir).total
-    assert (plan.settings.micro_batch, plan.image_tokens, plan.fits) == (4, 64, True)
+    assert (plan.settings.micro_batch, plan.image_tokens, plan.fits) == (8, 64, True)
 
 
 def test_family_must_match_the_config(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> None:
