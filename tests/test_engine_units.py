@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.nn import functional as F  # noqa: N812
 
 from rmpl_ds import checkpoint, handoff
@@ -205,14 +206,19 @@ def test_handoff_export_is_verified(tmp_path: Path) -> None:
     the_recipe = recipe()
     stage_dir = tmp_path / "stage1"
 
+    weights = {"layer.weight": torch.arange(6, dtype=torch.float32).view(2, 3), "layer.bias": torch.ones(2)}
+
     def write_model(directory: Path) -> None:
-        (directory / "model.safetensors").write_bytes(b"weights")
+        save_file(weights, str(directory / "model.safetensors"))
         (directory / "config.json").write_text("{}")
 
     export = handoff.write_export(
         stage_dir, write_model, recipe=the_recipe, stage_name="stage1", step=10, kind="merged", base_model="m"
     )
     manifest = handoff.verify_export(export, the_recipe, "stage1")
+    # The digest does not depend on tensor names (saved checkpoints rename them), only on the tensors.
+    assert manifest["weights_digest"] == handoff.weights_digest(reversed(list(weights.values())))
+    assert manifest["weights_digest"] != handoff.weights_digest([weights["layer.weight"]])
     assert (
         manifest["step"] == 10
         and manifest["lineage"] == ["stage1"]
@@ -224,7 +230,7 @@ def test_handoff_export_is_verified(tmp_path: Path) -> None:
         handoff.verify_export(export, recipe(lr=5e-4), "stage1")
     with pytest.raises(UserError, match="an export of stage 'stage1', not 'stage2'"):
         handoff.verify_export(export, the_recipe, "stage2")
-    (export / "model.safetensors").write_bytes(b"weightz")
+    (export / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes()[:-1] + b"\x01")
     with pytest.raises(UserError, match=r"model\.safetensors: modified"):
         handoff.verify_export(export, the_recipe, "stage1")
     (export / "model.safetensors").unlink()
