@@ -1,0 +1,194 @@
+"""The paper recipes: each carries the paper's settings, each variant differs from its parent only where it says,
+the ablations and the mixing study have the intended streams and stages, and the memory planner fits every one of
+them on 2 x 24 GB (RTX 4090).
+
+test_config.py checks that every shipped recipe loads and validates; this file checks what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rmpl_ds.config import Recipe, StreamConfig, batch_plan, load_recipe, to_dict
+from rmpl_ds.ds_config import load_ds_config, zero_stage
+from rmpl_ds.plan import FAMILIES, PlanSettings, check_fits, plan_memory, plan_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = ROOT / "launch" / "recipes"
+# Every recipe but the demo (a tiny model on CPU ranks) is a paper run on 2 x 24 GB.
+PAPER_RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if p.name != "demo.yaml")
+MAIN = "rmpl_qwen2vl_7b.yaml"
+
+# file -> (family, checkpoint directory, image tokens of a 512x512 image, max_seq_len)
+BACKBONE_RECIPES = {
+    "rmpl_qwen2vl_7b.yaml": ("qwen2-vl", "Qwen2-VL-7B-Instruct", 324, 2048),
+    "rmpl_qwen3vl_8b.yaml": ("qwen3-vl", "Qwen3-VL-8B-Instruct", 256, 1536),
+    "rmpl_internvl3_5_8b.yaml": ("internvl3_5", "InternVL3_5-8B-HF", 256, 1536),
+}
+QLORA_RECIPES = {f"{Path(name).stem}_qlora.yaml": name for name in BACKBONE_RECIPES}
+ABLATIONS = ("rmpl_qwen2vl_7b_warmup_no_re.yaml", "rmpl_qwen2vl_7b_no_warmup.yaml", "rmpl_qwen2vl_7b_re_in_stage2.yaml")
+MIXING_STUDY = {"rmpl_qwen2vl_7b_mix_1_1_2.yaml": 2.0, "rmpl_qwen2vl_7b_mix_1_1_0.5.yaml": 0.5}
+
+# The paper's protocol.
+STAGE1 = {"steps": 400, "lr": 1e-5}
+STAGE2 = {"steps": 800, "lr": 3e-5}
+GLOBAL_BATCH, WORLD_SIZE, IMAGE_SIZE, GPU_MEM_GIB = 16, 2, 512, 24
+
+
+def recipe(name: str) -> Recipe:
+    return load_recipe(RECIPE_DIR / name)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": leaf}``; lists are leaves, as they are under ``extends``."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def differences(child: Recipe, parent: Recipe) -> set[str]:
+    """Key paths (lists whole) where two recipes differ."""
+    a, b = flatten(to_dict(child)), flatten(to_dict(parent))
+    return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+
+
+def streams(stage: Any) -> dict[str, float]:
+    return {stream.name: stream.weight for stream in stage.mixture}
+
+
+def test_the_paper_recipes_are_shipped() -> None:
+    names = {p.name for p in PAPER_RECIPES}
+    expected = {*BACKBONE_RECIPES, *QLORA_RECIPES, *ABLATIONS, *MIXING_STUDY}
+    assert expected <= names, sorted(expected - names)
+    # Distinct names give distinct run directories (runs/{name}): no two recipes overwrite each other's runs.
+    loaded = [recipe(name) for name in sorted(names)]
+    assert len({r.name for r in loaded}) == len(loaded)
+    assert len({r.out_dir() for r in loaded}) == len(loaded)
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+def test_paper_settings(path: Path) -> None:
+    """LoRA or QLoRA, ZeRO-2, 2 GPUs, bf16, gradient checkpointing, 512x512, global batch 16, the stage schedule."""
+    r = load_recipe(path)
+    model = r.model
+    assert model.mode in ("lora", "qlora") and model.lora.rank == 64
+    assert (model.dtype, model.gradient_checkpointing, model.image_size) == ("bf16", True, IMAGE_SIZE)
+    assert not (model.train_vision_tower or model.train_projector)
+    assert (r.launch.gpus, r.launch.nodes, r.launch.world_size) == (WORLD_SIZE, 1, WORLD_SIZE)
+    ds_config = load_ds_config(ROOT / r.launch.deepspeed_config)
+    assert zero_stage(ds_config) == 2
+    assert "offload_optimizer" not in ds_config["zero_optimization"]
+    # Each header names its own launch command.
+    assert f"rmpl-ds pipeline launch/recipes/{path.name} --gpus 2" in path.read_text(encoding="utf-8")
+
+    by_name = {stage.name: stage for stage in r.stages}
+    assert set(by_name) in ({"stage1", "stage2"}, {"stage2"})
+    assert r.stages[-1].name == "stage2"  # the pipeline evaluates the last stage
+    for stage in r.stages:
+        expected = STAGE1 if stage.name == "stage1" else STAGE2
+        assert (stage.steps, stage.lr) == (expected["steps"], expected["lr"]), stage.name
+        assert stage.global_batch == GLOBAL_BATCH
+        assert batch_plan(stage.global_batch, stage.micro_batch, r.launch.world_size).global_batch == GLOBAL_BATCH
+    if "stage1" in by_name:
+        assert by_name["stage1"].init_from is None and by_name["stage2"].init_from == "stage1"
+        assert {s.task for s in by_name["stage1"].mixture} <= {"t", "i", "r"}
+    assert {s.task for s in by_name["stage2"].mixture} >= {"EM", "AR"}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_RECIPES))
+def test_backbone_recipes(name: str) -> None:
+    """The three backbones run the same RMPL; only the model differs, and the image-token cap is the exact count."""
+    family, checkpoint, image_tokens, max_seq_len = BACKBONE_RECIPES[name]
+    r = recipe(name)
+    assert (r.model.family, r.model.mode) == (family, "lora")
+    assert r.model.path == f"models/{checkpoint}"
+    assert (r.model.max_image_tokens, r.model.max_seq_len) == (image_tokens, max_seq_len)
+    # The cap is what the family's processor makes of a 512x512 image, so no image is squeezed below it.
+    full_size = FAMILIES[family][1]
+    assert plan_memory(PlanSettings(full_size, image_size=IMAGE_SIZE)).image_tokens == image_tokens
+    stage1, stage2 = r.stages
+    assert streams(stage1) == {"ace:t": 1.0, "swig:i": 1.0, "mnre:r": 1.0}
+    assert streams(stage2) == {"ace:EM": 1.0, "swig:EM": 1.0, "ace:AR": 1.0, "swig:AR": 1.0}
+    if name != MAIN:
+        changed = {"name", "model.family", "model.path", "model.max_image_tokens", "model.max_seq_len"}
+        assert differences(r, recipe(MAIN)) == changed
+
+
+@pytest.mark.parametrize("name", sorted(QLORA_RECIPES))
+def test_qlora_variants_differ_only_in_the_mode(name: str) -> None:
+    qlora, lora = recipe(name), recipe(QLORA_RECIPES[name])
+    assert qlora.model.mode == "qlora"
+    assert differences(qlora, lora) == {"name", "model.mode"}
+
+
+def test_warmup_without_re() -> None:
+    """Stage I over ACE:t and SWiG:i only; Stage II as in RMPL."""
+    main, ablation = recipe(MAIN), recipe("rmpl_qwen2vl_7b_warmup_no_re.yaml")
+    assert differences(ablation, main) == {"name", "stages"}
+    stage1, stage2 = ablation.stages
+    assert streams(stage1) == {"ace:t": 1.0, "swig:i": 1.0}
+    assert stage1 == dataclasses.replace(main.stage("stage1"), mixture=main.stage("stage1").mixture[:2])
+    assert stage2 == main.stage("stage2")
+    assert not any(s.source == "mnre" for stage in ablation.stages for s in stage.mixture)
+
+
+def test_without_warmup() -> None:
+    """RMPL's Stage II alone, from the base model."""
+    main, ablation = recipe(MAIN), recipe("rmpl_qwen2vl_7b_no_warmup.yaml")
+    assert differences(ablation, main) == {"name", "stages"}
+    (only,) = ablation.stages
+    assert only == dataclasses.replace(main.stage("stage2"), init_from=None)
+
+
+def test_re_moved_to_stage2() -> None:
+    """Stage I without RE; Stage II = RMPL's EM/AR plus MNRE r, with RMPL's relation sample budget."""
+    main, ablation = recipe(MAIN), recipe("rmpl_qwen2vl_7b_re_in_stage2.yaml")
+    assert differences(ablation, main) == {"name", "stages"}
+    stage1, stage2 = ablation.stages
+    assert stage1 == recipe("rmpl_qwen2vl_7b_warmup_no_re.yaml").stage("stage1")
+    relations = StreamConfig(source="mnre", task="r", weight=0.8)
+    assert stage2 == dataclasses.replace(main.stage("stage2"), mixture=(*main.stage("stage2").mixture, relations))
+
+    def relation_samples(stage: Any) -> float:
+        return stage.steps * stage.global_batch * streams(stage).get("mnre:r", 0) / sum(streams(stage).values())
+
+    assert relation_samples(stage2) == pytest.approx(relation_samples(main.stage("stage1")))  # 2,133 each
+
+
+@pytest.mark.parametrize("name", sorted(MIXING_STUDY))
+def test_mixing_study(name: str) -> None:
+    main, study = recipe(MAIN), recipe(name)
+    assert differences(study, main) == {"name", "stages"}
+    stage1, stage2 = study.stages
+    assert streams(stage1) == {"ace:t": 1.0, "swig:i": 1.0, "mnre:r": MIXING_STUDY[name]}
+    weighted = tuple(
+        dataclasses.replace(s, weight=MIXING_STUDY[name]) if s.source == "mnre" else s
+        for s in main.stage("stage1").mixture
+    )
+    assert stage1 == dataclasses.replace(main.stage("stage1"), mixture=weighted)
+    assert stage2 == main.stage("stage2")
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+def test_fits_two_24gb_gpus(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # recipes name ds_configs/ and models/ relative to the repository root
+    r = load_recipe(path)
+    for stage in r.stages:
+        plan = check_fits(r, WORLD_SIZE, gpu_mem_gib=GPU_MEM_GIB, stage=stage.name)
+        assert plan.fits and plan.per_gpu_gib <= GPU_MEM_GIB
+
+
+@pytest.mark.parametrize("name", ["rmpl_qwen3vl_8b.yaml", "rmpl_internvl3_5_8b.yaml"])
+def test_why_the_8b_recipes_cap_at_1536_tokens(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The headers' reason: at 2048 tokens Qwen3-VL-8B does not fit and InternVL3.5-8B has under 0.5 GiB left."""
+    monkeypatch.chdir(ROOT)
+    at_2048 = plan_recipe(load_recipe(RECIPE_DIR / name, ["model.max_seq_len=2048"]))
+    assert at_2048.per_gpu_gib > GPU_MEM_GIB - 0.5
+    assert plan_recipe(recipe(name)).per_gpu_gib < at_2048.per_gpu_gib - 0.5
