@@ -76,10 +76,13 @@ def run_pipeline(
 
 
 def build_missing_shards(recipe: Recipe) -> None:
-    """Reuse existing shard sets; build the missing ones the recipe's ``raw`` section describes."""
+    """Reuse existing shard sets; build the missing ones the recipe's ``raw`` section describes. Only the sources a
+    stage reads are needed (evaluation reads the raw M2E2 files)."""
     from rmpl_ds.commands.shards import build
 
-    for name, shard_dir in recipe.sources.items():
+    used = dict.fromkeys(stream.source for stage in recipe.stages for stream in stage.mixture)
+    for name in used:
+        shard_dir = recipe.sources[name]
         if (Path(shard_dir) / "manifest.json").is_file():
             log.info("shards %s: reusing %s", name, shard_dir)
             continue
