@@ -55,7 +55,13 @@ def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
             mix_ax.axhline(stream.weight / total_weight, color=color, linestyle="--", linewidth=1)
         lr_ax.plot(steps, [m["lr"] for m in metrics], color="C3")
         loss_ax.set(title=f"{stage.name}: loss", xlabel="optimizer step")
-        mix_ax.set(title="mixture: realized (solid) vs target (dashed)", xlabel="optimizer step", ylabel="share")
+        top = max(s.weight for s in stage.mixture) / total_weight
+        mix_ax.set(
+            title="mixture: realized (solid) vs target (dashed)",
+            xlabel="optimizer step",
+            ylabel="share",
+            ylim=(0, min(1.0, 1.6 * top)),
+        )
         lr_ax.set(title="learning rate", xlabel="optimizer step")
         loss_ax.legend(fontsize=7)
         mix_ax.legend(fontsize=7)
