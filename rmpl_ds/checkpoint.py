@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,21 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(
-    engine: Any, root: Path, step: int, client_state: dict[str, Any], *, keep_last: int, trainable_only: bool
+    engine: Any,
+    root: Path,
+    step: int,
+    client_state: dict[str, Any],
+    *,
+    keep_last: int,
+    trainable_only: bool,
+    after_write: Callable[[], None] | None = None,
 ) -> CheckpointRef:
     """Save a checkpoint on every rank; rank 0 seals it (marker, ``latest``) once all ranks are done.
 
     Must be called by every rank. A failure to write (disk full, unwritable directory) raises UserError
     naming the path; earlier checkpoints are left untouched because nothing is deleted before a new
-    checkpoint is sealed.
+    checkpoint is sealed. ``after_write`` runs on each rank between writing its files and the seal (the
+    tests' kill -9 during a checkpoint write).
     """
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
@@ -87,11 +96,15 @@ def save(
             str(root), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=trainable_only
         )
     except (OSError, RuntimeError) as error:  # torch.save reports unwritable targets as RuntimeError
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        # torch's writer hides errno behind its own message (a full disk reads "unexpected pos ..."), so say how
+        # much space is left.
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(
-            f"cannot write checkpoint {root / tag}: {reason} "
-            f"(earlier checkpoints in {root} are intact; free space or choose another --out)"
+            f"cannot write checkpoint {root / tag}: {reason} ({_free_space(root)}; earlier checkpoints in {root} are "
+            "intact; free space or choose another --out)"
         ) from error
+    if after_write is not None:
+        after_write()
     dist.barrier()
     if dist.is_main():
         try:
@@ -103,6 +116,13 @@ def save(
         _prune(root, keep_last, current=tag)
     dist.barrier()
     return CheckpointRef(root, tag, step)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def _prune(root: Path, keep_last: int, current: str) -> None:

@@ -87,6 +87,12 @@ def _ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def open_sources(recipe: Recipe, stage: StageConfig) -> dict[str, ShardSet]:
+    """Every shard set the stage's mixture reads, opened once per source: manifest, index hashes, tar sizes and
+    the member whitelist are checked (cheap; ``rmpl-ds shards verify`` re-hashes the tars). Raises UserError."""
+    return {source: ShardSet.open(recipe.sources[source]) for source in dict.fromkeys(s.source for s in stage.mixture)}
+
+
 @dataclass
 class StageData:
     recipe: Recipe
@@ -101,11 +107,11 @@ class StageData:
         return tuple(stream.name for stream in self.stage.mixture)
 
     @classmethod
-    def build(cls, recipe: Recipe, stage: StageConfig, bundle: Any) -> StageData:
-        """Open every source the mixture reads (once per source) and build the slot stream over them."""
-        opened: dict[str, ShardSet] = {}
-        for source in dict.fromkeys(s.source for s in stage.mixture):
-            opened[source] = ShardSet.open(recipe.sources[source])
+    def build(
+        cls, recipe: Recipe, stage: StageConfig, bundle: Any, opened: dict[str, ShardSet] | None = None
+    ) -> StageData:
+        """Build the slot stream over the mixture's sources (``opened`` by :func:`open_sources`, or opened here)."""
+        opened = opened if opened is not None else open_sources(recipe, stage)
         shards = {s.name: opened[s.source] for s in stage.mixture}
         phases = [(phase.start_step * stage.global_batch, phase.weights) for phase in stage.phases] or None
         stream = build_stream(

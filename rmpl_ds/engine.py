@@ -1,4 +1,5 @@
-"""The DeepSpeed side of a stage: runtime setup, optimizer and schedule, the per-stream loss, signals, RNG state.
+"""The DeepSpeed side of a stage: runtime setup, optimizer and schedule, the per-stream loss, non-finite losses,
+signals, RNG state, and the test-only fault injection.
 
 ``train.py`` reads top to bottom and calls into this module; nothing here knows which stage it runs.
 """
@@ -8,10 +9,13 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
 import signal
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -61,10 +65,67 @@ def configure_runtime(*, deterministic: bool) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device) -> None:
-    import deepspeed
+# How long a rank waits in a collective (or the rendezvous) for the others before it gives up with an error. It
+# must exceed the longest legitimate wait: rank 0 merging and writing an export, or hashing a checkpoint to seal it,
+# while the others sit in a barrier (minutes for a 7-8B model). DeepSpeed's own default is 10 minutes.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+COLLECTIVE_TIMEOUT_ENV = "RMPL_COLLECTIVE_TIMEOUT_S"
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+def collective_timeout_s(flag: float | None, environ: Mapping[str, str] = os.environ) -> float:
+    """The collective timeout: ``--collective-timeout``, else ``$RMPL_COLLECTIVE_TIMEOUT_S``, else 30 minutes."""
+    if flag is not None:
+        value, where = flag, "--collective-timeout"
+    elif environ.get(COLLECTIVE_TIMEOUT_ENV):
+        where = COLLECTIVE_TIMEOUT_ENV
+        try:
+            value = float(environ[COLLECTIVE_TIMEOUT_ENV])
+        except ValueError:
+            raise UserError(f"{where}: expected a number of seconds, got {environ[where]!r}") from None
+    else:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: must be a positive number of seconds, got {value}")
+    return value
+
+
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the process group. A collective that waits longer than ``timeout_s`` for a rank that hangs (or died
+    without closing its sockets) raises on the waiting ranks, which then exit non-zero, so the launcher stops the
+    job instead of hanging forever."""
+    import deepspeed
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed creates its data-parallel groups (ZeRO's gradient reduction) with torch.distributed.new_group and
+    # no timeout, which torch fills in from these module defaults (30 min gloo, 10 min NCCL), not from the world
+    # group's: without this a rank stuck in ZeRO's reduction would wait out torch's default instead of ours.
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for the errors a rank gets when a peer hangs past the timeout or is gone (not a bug of this rank).
+
+    NCCL reports them as ``DistError`` subclasses; gloo raises a plain RuntimeError whose message says so.
+    """
+    import torch.distributed as torch_dist
+
+    if isinstance(error, torch_dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (collective: call on every rank)."""
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule
@@ -130,6 +191,32 @@ def stream_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.
     return LossParts(loss=loss, sample_losses=per_sample.detach(), target_tokens=counts.detach())
 
 
+# ------------------------------------------------------------------------------------------ non-finite losses
+#
+# A micro-batch whose loss is NaN or inf must not reach the weights, and every rank must skip the same optimizer
+# step (ZeRO-2 averages gradients over ranks, and the ranks must stay in lockstep). The loop asks all ranks after
+# each forward (any_rank); once one micro-batch of a step is bad, every rank back-propagates ``poisoned(loss)`` for
+# it and for the step's remaining micro-batches. Its gradients are NaN, so the accumulated gradients of the whole
+# step are non-finite and DeepSpeed's overflow check (the one that skips fp16 loss-scale overflows; on by default
+# for bf16 and fp32 under ZeRO) drops them: no optimizer update, Adam moments and step count unchanged, the lr
+# schedule does not advance, ``skipped_steps`` is counted in DeepSpeed's checkpoint. DeepSpeed's micro-step
+# bookkeeping sees an ordinary step, so checkpoints and an exact resume work as for any other step.
+
+
+def poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` scaled by NaN: its backward gives NaN gradients, so the optimizer step is skipped (see above)."""
+    return loss * float("nan")
+
+
+def check_step_skipped(ds_engine: Any) -> None:
+    """After the optimizer step of a poisoned step: make sure DeepSpeed really skipped it."""
+    if ds_engine.was_step_applied():
+        raise RuntimeError(
+            "DeepSpeed applied an optimizer step with non-finite gradients (is bf16.check_grad_overflow false in "
+            "the DeepSpeed config?); the weights in memory are invalid, the last sealed checkpoint is not"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ signals
 
 
@@ -164,10 +251,7 @@ class GracefulStop:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank as soon as any rank was asked to stop (so all ranks stop at the same step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if dist.world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested, device)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -222,3 +306,69 @@ def reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
     if dist.world_size() > 1:
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+# ------------------------------------------------------------------------------------- fault injection (tests)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults the reliability tests inject into a real run, read from ``RMPL_FAULT_*`` environment variables.
+
+    None is set in a real run (every field is then empty and every method a no-op). They exercise the real
+    detection and recovery paths, only the cause is simulated:
+
+    * ``RMPL_FAULT_NAN_STEPS=3,4``: the losses of optimizer steps 3 and 4 (1-based) become NaN;
+    * ``RMPL_FAULT_KILL_IN_CHECKPOINT=6``: the rank SIGKILLs itself after writing its files of the step-6
+      checkpoint, before the checkpoint is sealed (kill -9 during a checkpoint write);
+    * ``RMPL_FAULT_DISK_FULL_AT_CHECKPOINT=4``: before writing the step-4 checkpoint the rank may no longer
+      write files (RLIMIT_FSIZE 0 with SIGXFSZ ignored: writes fail with EFBIG, like a full disk);
+    * ``RMPL_FAULT_RANK=1``: only that rank is affected (default: every rank).
+    """
+
+    nan_steps: frozenset[int] = frozenset()
+    kill_in_checkpoint: int | None = None
+    disk_full_at_checkpoint: int | None = None
+    rank: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Faults:
+        def number(name: str) -> int | None:
+            value = environ.get(name, "").strip()
+            return int(value) if value else None
+
+        steps = environ.get("RMPL_FAULT_NAN_STEPS", "")
+        return cls(
+            nan_steps=frozenset(int(part) for part in steps.split(",") if part.strip()),
+            kill_in_checkpoint=number("RMPL_FAULT_KILL_IN_CHECKPOINT"),
+            disk_full_at_checkpoint=number("RMPL_FAULT_DISK_FULL_AT_CHECKPOINT"),
+            rank=number("RMPL_FAULT_RANK"),
+        )
+
+    def _here(self) -> bool:
+        return self.rank is None or self.rank == dist.rank()
+
+    @staticmethod
+    def _say(what: str) -> None:
+        # On stderr from whichever rank it happens on (the package log shows rank 0 only).
+        print(f"rmpl_ds fault injection [rank {dist.rank()}]: {what}", file=sys.stderr, flush=True)
+
+    def nan_at(self, step: int) -> bool:
+        """Whether the losses of optimizer step ``step`` (1-based) are to be replaced by NaN on this rank."""
+        return step in self.nan_steps and self._here()
+
+    @staticmethod
+    def nan_loss(parts: LossParts) -> LossParts:
+        """``parts`` with a NaN loss (its graph kept, as a real overflow would have it)."""
+        return LossParts(poisoned(parts.loss), parts.sample_losses * float("nan"), parts.target_tokens)
+
+    def before_checkpoint(self, step: int) -> None:
+        if self.disk_full_at_checkpoint == step and self._here():
+            self._say("no file may grow from now on (simulated full disk)")
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def checkpoint_written(self, step: int) -> None:
+        if self.kill_in_checkpoint == step and self._here():
+            self._say(f"SIGKILL in the middle of writing checkpoint {step}")
+            os.kill(os.getpid(), signal.SIGKILL)

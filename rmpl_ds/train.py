@@ -12,7 +12,16 @@ What a stage guarantees:
   ``--resume auto`` continues from the newest sealed one and logs the same losses as an uninterrupted run
   (bitwise on CPU);
 * SIGTERM / SIGINT finish the current step, checkpoint and exit 0 (a second signal aborts);
+* a step whose loss is NaN or inf on any rank is skipped on every rank and counted; after ``max_bad_steps``
+  such steps in a row the stage checkpoints (the weights of the last good step) and exits 3;
+* the inputs (the ``init_from`` export, the checkpoint to resume from, the shard sets) are checked before a
+  process group or a model exists, so a bad one fails in seconds with exit 2 and the reason;
+* a collective that waits longer than ``--collective-timeout`` for another rank raises, so a hung or vanished
+  rank ends the job instead of hanging it;
 * at the end, an export (merged HF directory or PEFT adapter) with a manifest the next stage verifies.
+
+Exit codes: 0 done (or stopped by a signal / ``--stop-after`` with a checkpoint), 1 a failure (a bug, or another
+rank gone or hung), 2 a bad input, 3 too many consecutive non-finite losses.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,9 @@ log = get_logger("rmpl_ds.train")
 
 # Batch keys the loop consumes itself (the loss is computed here, per stream); the rest are model inputs.
 LOOP_KEYS = ("labels", "stream_index", "loss_weight")
+
+FAILURE_EXIT = 1
+BAD_STEPS_EXIT = 3
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,6 +70,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="checkpoint and exit after this optimizer step (planned preemption)",
     )
+    parser.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"give up on a collective after this long (default: ${engine.COLLECTIVE_TIMEOUT_ENV} or "
+        f"{engine.DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args, unknown = parser.parse_known_args(argv)
     bad = [token for token in unknown if "=" not in token or token.startswith("-")]
@@ -75,6 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"rmpl_ds.train [rank {dist.rank()}]: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except RuntimeError as error:
+        if not engine.is_collective_failure(error):
+            raise
+        # Another rank hung past the timeout or is gone: not this rank's bug, so no traceback.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"rmpl_ds.train [rank {dist.rank()}]: error: a collective failed ({first_line}); another rank hung "
+            "or died. Resume with --resume auto from the last sealed checkpoint",
+            file=sys.stderr,
+        )
+        return FAILURE_EXIT
 
 
 @dataclass
@@ -95,15 +126,27 @@ class StageRun:
 
 
 def run(args: argparse.Namespace) -> int:
-    # ---- 1. recipe and runtime
+    # ---- 1. recipe, and every input checked before a process group or a model exists (a bad one costs seconds)
     recipe = load_recipe(args.recipe, args.overrides, world_size=dist.world_size())
     stage = recipe.stage(args.stage)
     paths = StageRun(recipe, stage, Path(args.out) if args.out else recipe.out_dir())
+    timeout_s = engine.collective_timeout_s(args.collective_timeout)
+    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    init_export = verify_init_export(paths)
+    ref = checkpoint.find(paths.checkpoint_root, args.resume)
+    if ref is not None:
+        # DeepSpeed's files are pickles: they are re-hashed against the seal before anything of them is loaded.
+        checkpoint.verify(ref)
+    from rmpl_ds.data import StageData, open_sources
+
+    shard_sets = open_sources(recipe, stage)
+    faults = engine.Faults.from_env()
+
+    # ---- 2. runtime
     device = engine.configure_runtime(deterministic=not torch.cuda.is_available())
-    engine.init_distributed(device)
+    engine.init_distributed(device, timeout_s)
     world, rank = dist.world_size(), dist.rank()
     plan = batch_plan(stage.global_batch, stage.micro_batch, world)
-    ds_config = load_ds_config(recipe.launch.deepspeed_config)
     log.info(
         "stage %s: %d steps, batch %d = %d x %d x %d ranks",
         stage.name,
@@ -114,17 +157,15 @@ def run(args: argparse.Namespace) -> int:
         world,
     )
 
-    # ---- 2. model (the same initial weights on every rank: DeepSpeed also broadcasts rank 0's)
+    # ---- 3. model (the same initial weights on every rank: DeepSpeed also broadcasts rank 0's)
     engine.seed_everything(stage.seed)
-    model, bundle, init_path = load_model(paths, device, zero_stage(ds_config))
+    model, bundle, init_path = load_model(paths, device, zero_stage(ds_config), init_export)
 
-    # ---- 3. data
-    from rmpl_ds.data import StageData
-
-    data = StageData.build(recipe, stage, bundle)
+    # ---- 4. data
+    data = StageData.build(recipe, stage, bundle, shard_sets)
     log.info("mixture: window discrepancy %.3f over streams %s", data.stream.discrepancy, ", ".join(data.stream_names))
 
-    # ---- 4. engine
+    # ---- 5. engine
     import deepspeed
 
     optimizer, scheduler = engine.build_optimizer(model, stage)
@@ -135,18 +176,18 @@ def run(args: argparse.Namespace) -> int:
         config=fill(ds_config, stage, plan, bf16=recipe.model.dtype == "bf16"),
     )
 
-    # ---- 5. resume
+    # ---- 6. resume
     start_step, next_slot = 0, 0
-    ref = checkpoint.find(paths.checkpoint_root, args.resume)
+    health = Health()
     if ref is not None:
-        start_step, next_slot = resume(ds_engine, ref, data, paths, args.new_phase)
+        start_step, next_slot, health = resume(ds_engine, ref, data, paths, args.new_phase)
     else:
         engine.seed_everything(stage.seed * 1000 + rank)  # dropout differs per rank, deterministically
     if start_step >= stage.steps:
         log.info("stage %s already finished at step %d", stage.name, start_step)
     loader = data.loader(next_slot=next_slot, micro_batch=plan.micro_batch, num_workers=recipe.launch.num_workers)
 
-    # ---- 6. loop
+    # ---- 7. loop
     from rmpl_ds.monitor import Monitor
 
     monitor = Monitor(
@@ -166,18 +207,41 @@ def run(args: argparse.Namespace) -> int:
     try:
         while step < stage.steps:
             lr = ds_engine.get_lr()[0]  # the lr this step applies (the schedule advances inside engine.step)
-            metrics = train_step(ds_engine, batches, plan.accumulation, device, stream_names)
+            metrics = train_step(
+                ds_engine, batches, plan.accumulation, device, stream_names, inject_nan=faults.nan_at(step + 1)
+            )
             step += 1
-            metrics.update(step=step, lr=lr)
+            health = health.after(step, skipped=metrics["skipped"])
+            metrics.update(step=step, lr=lr, bad_steps=health.bad_steps, bad_steps_in_a_row=health.in_a_row)
             metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
             metrics["peak_memory_gib"] = peak_memory_gib(device)
             final_loss = metrics["loss"]
-            if step % recipe.logging.log_every == 0 or step == stage.steps:
+            if step % recipe.logging.log_every == 0 or step == stage.steps or metrics["skipped"]:
                 monitor.log_step(metrics)
+            if metrics["skipped"]:
+                log.warning(
+                    "step %d skipped: non-finite loss on some rank (%d in a row; the stage stops at %d)",
+                    step,
+                    health.in_a_row,
+                    stage.max_bad_steps,
+                )
+            diverged = health.in_a_row >= stage.max_bad_steps
             stopping = stop.agreed(device) or step == args.stop_after
-            if step % stage.checkpoint_every == 0 or step == stage.steps or stopping:
-                save(ds_engine, paths, step, data, step * plan.global_batch)
+            if step % stage.checkpoint_every == 0 or step == stage.steps or stopping or diverged:
+                save(ds_engine, paths, step, data, step * plan.global_batch, health, faults)
                 last_saved = step
+            if diverged:
+                log.error(
+                    "stage %s stopped after step %d: %d steps in a row had a non-finite loss and were skipped, so "
+                    "checkpoint %s holds the weights of step %d, the last good one. Lower the lr or check the data "
+                    "of those steps, then resume with --resume auto (--new-phase if you change the stage)",
+                    stage.name,
+                    step,
+                    health.in_a_row,
+                    checkpoint.tag_for(step),
+                    health.last_good_step,
+                )
+                return BAD_STEPS_EXIT
             if stopping:
                 log.warning(
                     "stopped after step %d (%s); resume with --resume auto", step, stop.signal_name or "--stop-after"
@@ -187,9 +251,9 @@ def run(args: argparse.Namespace) -> int:
         monitor.close()
         stop.restore()
     if last_saved != step:
-        save(ds_engine, paths, step, data, step * plan.global_batch)
+        save(ds_engine, paths, step, data, step * plan.global_batch, health, faults)
 
-    # ---- 7. export for the next stage
+    # ---- 8. export for the next stage
     export = export_stage(ds_engine.module, bundle, paths, step, init_path)
     if dist.is_main():
         summary = {
@@ -198,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
             "final_loss": final_loss,
             "wall_time_s": round(time.perf_counter() - began, 3),
             "world_size": world,
+            "bad_steps": health.bad_steps,
             "export": str(export),
             "init_from": stage.init_from,
             "init_digest": bundle.extra.get("init_digest"),
@@ -209,17 +274,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(paths: StageRun, device: torch.device, zero: int) -> tuple[Any, Any, str]:
-    """The stage's starting model: the recipe's base, or the verified export of the ``init_from`` stage."""
+def verify_init_export(paths: StageRun) -> tuple[Path, dict[str, Any]] | None:
+    """The ``init_from`` stage's export and its manifest, verified (complete, unmodified, this recipe's lineage);
+    None for a stage that starts from the base model. Raises UserError with the reason."""
+    init_from = paths.stage.init_from
+    if init_from is None:
+        return None
+    export = handoff.export_path(paths.run_dir / init_from)
+    return export, handoff.verify_export(export, paths.recipe, init_from)
+
+
+def load_model(
+    paths: StageRun, device: torch.device, zero: int, init_export: tuple[Path, dict[str, Any]] | None
+) -> tuple[Any, Any, str]:
+    """The stage's starting model: the recipe's base, or the (verified) export of the ``init_from`` stage."""
     from rmpl_ds.backbones import LoraSettings, get_adapter
 
     recipe, stage = paths.recipe, paths.stage
     model_cfg = recipe.model
     path = model_cfg.path
     adapter_weights = None
-    if stage.init_from is not None:
-        export = handoff.export_path(paths.run_dir / stage.init_from)
-        manifest = handoff.verify_export(export, recipe, stage.init_from)
+    export, manifest = init_export if init_export is not None else (None, None)
+    if manifest is not None:
         if manifest["kind"] == "merged":
             path = str(export)
         else:
@@ -244,7 +320,7 @@ def load_model(paths: StageRun, device: torch.device, zero: int) -> tuple[Any, A
     )
     if adapter_weights is not None:
         load_adapter_weights(model, adapter_weights)
-    if stage.init_from is not None and manifest["kind"] == "merged":
+    if manifest is not None and manifest["kind"] == "merged":
         # Prove the hand-off: the base weights this stage holds are bit for bit the exported ones.
         init_digest = handoff.weights_digest(handoff.loaded_base_weights(model))
         if init_digest != manifest["weights_digest"]:
@@ -266,23 +342,38 @@ def load_adapter_weights(model: Any, adapter_dir: Path) -> None:
 
 
 def train_step(
-    ds_engine: Any, batches: Any, accumulation: int, device: torch.device, stream_names: Sequence[str]
+    ds_engine: Any,
+    batches: Any,
+    accumulation: int,
+    device: torch.device,
+    stream_names: Sequence[str],
+    *,
+    inject_nan: bool = False,
 ) -> dict[str, Any]:
     """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
 
+    A non-finite micro-batch loss on any rank makes every rank skip the whole optimizer step (see
+    rmpl_ds.engine, "non-finite losses"); its micro-batches are still drawn, so the data stay where an
+    uninterrupted run has them. ``inject_nan`` replaces this rank's losses by NaN (fault injection in tests).
+
     Returns the step's metrics, reduced over ranks: total loss (the mean of the per-sample weighted losses),
-    loss per stream, throughput and the real-token fraction.
+    loss per stream, throughput, the real-token fraction, and ``skipped``.
     """
     began = time.perf_counter()
     n_streams = len(stream_names)
     # [loss sum per stream..., samples per stream..., weighted loss sum, samples, real tokens, padded tokens]
     sums = [0.0] * (2 * n_streams + 4)
+    skipped = False
     for _ in range(accumulation):
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
         outputs = ds_engine(**inputs, use_cache=False)
         parts = engine.stream_loss(outputs.logits, batch["labels"], batch["loss_weight"])
-        ds_engine.backward(parts.loss)
+        if inject_nan:
+            parts = engine.Faults.nan_loss(parts)
+        # One flag per micro-batch, agreed by all ranks before any of them back-propagates.
+        skipped = engine.any_rank(not bool(torch.isfinite(parts.loss)), device) or skipped
+        ds_engine.backward(engine.poisoned(parts.loss) if skipped else parts.loss)
         ds_engine.step()
         for stream_index, sample_loss in zip(batch["stream_index"].tolist(), parts.sample_losses.tolist(), strict=True):
             sums[stream_index] += sample_loss
@@ -292,6 +383,8 @@ def train_step(
         mask = batch["attention_mask"]
         sums[-2] += float(mask.sum())
         sums[-1] += float(mask.numel())
+    if skipped:
+        engine.check_step_skipped(ds_engine)
     total = engine.reduce_sums(sums, device)
     elapsed = time.perf_counter() - began
     loss_by_stream = {
@@ -307,6 +400,7 @@ def train_step(
         "tokens_per_s": total[-2] / elapsed,
         "real_token_fraction": total[-2] / max(total[-1], 1.0),
         "step_time_s": elapsed,
+        "skipped": skipped,
     }
 
 
@@ -325,7 +419,31 @@ def stage_fingerprint(stage: StageConfig) -> str:
     return fingerprint({k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS})
 
 
-def client_state(paths: StageRun, data: Any, next_slot: int, step: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Health:
+    """Skipped (non-finite loss) steps: in total, in a row now, and the last step that was not skipped.
+
+    Saved with every checkpoint, so a resumed run stops at the same step an uninterrupted one would.
+    """
+
+    bad_steps: int = 0
+    in_a_row: int = 0
+    last_good_step: int = 0
+
+    def after(self, step: int, *, skipped: bool) -> Health:
+        if skipped:
+            return Health(self.bad_steps + 1, self.in_a_row + 1, self.last_good_step)
+        return Health(self.bad_steps, 0, step)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], step: int) -> Health:
+        saved = state.get("health") or {}  # checkpoints written before skipping existed have none
+        return cls(
+            int(saved.get("bad_steps", 0)), int(saved.get("in_a_row", 0)), int(saved.get("last_good_step", step))
+        )
+
+
+def client_state(paths: StageRun, data: Any, next_slot: int, step: int, health: Health) -> dict[str, Any]:
     return {
         "rmpl": {
             "step": step,
@@ -334,24 +452,34 @@ def client_state(paths: StageRun, data: Any, next_slot: int, step: int) -> dict[
             "sampler": data.stream.state(next_slot),
             "rng": engine.gather_rng(),
             "world_size": dist.world_size(),
+            "health": asdict(health),
         }
     }
 
 
-def save(ds_engine: Any, paths: StageRun, step: int, data: Any, next_slot: int) -> None:
-    state = client_state(paths, data, next_slot, step)
+def save(
+    ds_engine: Any, paths: StageRun, step: int, data: Any, next_slot: int, health: Health, faults: engine.Faults
+) -> None:
+    state = client_state(paths, data, next_slot, step, health)
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
+    faults.before_checkpoint(step)
     ref = checkpoint.save(
-        ds_engine, paths.checkpoint_root, step, state, keep_last=paths.stage.keep_last, trainable_only=trainable_only
+        ds_engine,
+        paths.checkpoint_root,
+        step,
+        state,
+        keep_last=paths.stage.keep_last,
+        trainable_only=trainable_only,
+        after_write=lambda: faults.checkpoint_written(step),
     )
     log.info("checkpoint %s", ref.path)
 
 
 def resume(
     ds_engine: Any, ref: checkpoint.CheckpointRef, data: Any, paths: StageRun, new_phase: bool
-) -> tuple[int, int]:
-    """Load a verified checkpoint; returns (step, next slot). Refuses a changed recipe stage or data mixture."""
-    checkpoint.verify(ref)
+) -> tuple[int, int, Health]:
+    """Load a checkpoint that :func:`checkpoint.verify` accepted; returns (step, next slot, health). Refuses a
+    changed recipe stage or data mixture."""
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
     loaded, client = ds_engine.load_checkpoint(
         str(ref.root),
@@ -377,7 +505,7 @@ def resume(
         log.warning("world size changed (%d -> %d): RNG states are reseeded", state["world_size"], dist.world_size())
         engine.seed_everything(paths.stage.seed * 1000 + dist.rank() + 7919 * state["step"])
     log.info("resumed from %s: step %d, next slot %d", ref.path, state["step"], next_slot)
-    return int(state["step"]), int(next_slot)
+    return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"]))
 
 
 def export_stage(model: Any, bundle: Any, paths: StageRun, step: int, init_path: str) -> Path:
