@@ -25,3 +25,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return built[family]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher tests (test_train.py, test_reliability.py): shard sets of a small demo set, built once per session with
+# the real converters and read-only afterwards.
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"ace": dir, "swig": dir, "mnre": dir}``: shards of ``write_demo(size=40, seed=0)``."""
+    from rmpl_ds.commands.shards import build
+    from rmpl_ds.sources.demo import write_demo
+
+    base = tmp_path_factory.mktemp("demo-shards")
+    raw = base / "raw"
+    write_demo(raw, seed=0, size=40)
+    shards = {}
+    for name, source, images in (
+        ("ace", raw / "ace", None),
+        ("swig", raw / "swig" / "SWiG_jsons", raw / "swig" / "images_512"),
+        ("mnre", raw / "mnre" / "mnre_txt", raw / "mnre" / "img_org"),
+    ):
+        shards[name] = base / "shards" / name
+        assert build(name, source, out_dir=shards[name], images_dir=images) == 0
+    return shards

@@ -165,22 +165,10 @@ def test_every_reliability_and_bad_input_test_is_in_reliability_md() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards) -> dict:
     """Demo shards of the Stage I sources and a 12-step recipe checkpointing every 2 steps (all kept)."""
-    from rmpl_ds.commands.shards import build
-    from rmpl_ds.sources.demo import write_demo
-
     base = tmp_path_factory.mktemp("reliability")
-    raw = base / "raw"
-    write_demo(raw, seed=0, size=40)
-    shards = {}
-    for name, source, images in (
-        ("ace", raw / "ace", None),
-        ("swig", raw / "swig" / "SWiG_jsons", raw / "swig" / "images_512"),
-        ("mnre", raw / "mnre" / "mnre_txt", raw / "mnre" / "img_org"),
-    ):
-        shards[name] = base / "shards" / name
-        assert build(name, source, out_dir=shards[name], images_dir=images) == 0
+    shards = demo_shards
     recipe = {
         "name": "reliability-test",
         "model": {

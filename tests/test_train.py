@@ -31,21 +31,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> dict:
-    from rmpl_ds.commands.shards import build
-    from rmpl_ds.sources.demo import write_demo
-
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards) -> dict:
     base = tmp_path_factory.mktemp("train")
-    raw = base / "raw"
-    write_demo(raw, seed=0, size=40)
-    shards = {}
-    for name, converter, source, images in (
-        ("ace", "ace", raw / "ace", None),
-        ("swig", "swig", raw / "swig" / "SWiG_jsons", raw / "swig" / "images_512"),
-        ("mnre", "mnre", raw / "mnre" / "mnre_txt", raw / "mnre" / "img_org"),
-    ):
-        shards[name] = base / "shards" / name
-        assert build(converter, source, out_dir=shards[name], images_dir=images) == 0
+    shards = demo_shards
     stage = {
         "steps": STEPS,
         "lr": 2e-3,
