@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_model, write_results
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +74,7 @@ def machine(*packages: str) -> dict[str, Any]:
     """nproc, CPU model, Python and the versions of ``packages`` (those that import)."""
     import importlib
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     versions = {}
     for package in packages:
         try:
@@ -531,10 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "transform_ms_per_sample": transform,
         "throughput": throughput,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "data.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "data", report, markdown)
     return 0
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_data import MICRO, DemoSet, build_demo, demo_recipe, machine, machine_line, revision
+from benchlib import write_results
 
 LOOPS = ("bare", "train_step", "loop")
 HELD_BATCHES = 6  # micro-batches per rank held in memory and cycled
@@ -606,10 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     report["findings"] = findings(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "engine.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "engine", report, markdown)
     return 0
 
 

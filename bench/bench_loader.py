@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import cpu_model, write_results
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -50,14 +51,7 @@ SEED = 1234
 def machine() -> dict[str, object]:
     import torch
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "torch": torch.__version__}
 
 
@@ -335,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": throughput,
         "resume": resume,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loader.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "loader.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "loader", report, markdown)
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import cpu_model, write_results
 
 from rmpl_ds.mixing import RatioSchedule, SlotStream, chairman_bound, chairman_sequence, window_discrepancy
 
@@ -34,14 +35,7 @@ WINDOWS = (16, 32, 256)
 
 
 def machine() -> dict[str, object]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "numpy": np.__version__}
 
 
@@ -211,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "random_weightings": random_weightings(args.random, rng),
         "resume": resume_cost(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mixing.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "mixing.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "mixing", report, markdown)
     return 0
 
 

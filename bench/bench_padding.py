@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_data import build_demo, demo_recipe, load_bundle, machine, machine_line, revision
+from benchlib import write_results
 
 GROUP_BATCHES = (4, 16, 64)
 DEFAULT_GROUP_BATCHES = 16  # length_grouped_batches' default
@@ -216,10 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "dummy_image_tokens": dummy_tokens,
         "stages": stages,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "padding.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "padding.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "padding", report, markdown)
     return 0
 
 

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_model, write_results
+
 from rmpl_ds.cli import main as cli_main
 from rmpl_ds.evaluate.m2e2 import (
     BoxArgumentPrediction,
@@ -72,12 +74,7 @@ IMAGE_SIZE = (2000, 1500)
 
 
 def machine() -> dict[str, object]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version()}
 
 
@@ -424,10 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_lines_once": baseline_unique,
         "scores": as_json,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scorer.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "scorer.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "scorer", report, markdown)
     return 0
 
 
