@@ -28,13 +28,28 @@ from rmpl_ds.cli import main as cli
 from rmpl_ds.config import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_INPUTS = {  # source -> (input, images, the file a non-UTF-8 byte goes into), relative to the demo directory
+# source -> (input, images, a whole JSON file a non-UTF-8 byte goes into), relative to the demo directory; MNRE's
+# files are read line by line (LINE_FILES).
+DEMO_INPUTS = {
     "ace": ("ace", None, "ace/train.json"),
     "swig": ("swig/SWiG_jsons", "swig/images_512", "swig/SWiG_jsons/train.json"),
     "imsitu": ("imsitu", "swig/images_512", "imsitu/train.json"),
-    "mnre": ("mnre/mnre_txt", "mnre/img_org", "mnre/mnre_txt/mnre_train.txt"),
+    "mnre": ("mnre/mnre_txt", "mnre/img_org", None),
     "m2e2": ("m2e2/m2e2_annotations", "m2e2/image", "m2e2/m2e2_annotations/text_only_event.json"),
 }
+# Sources read as whole JSON documents, and every such file of them (relative to the demo directory).
+WHOLE_FILE_SOURCES = tuple(source for source, (_, _, victim) in DEMO_INPUTS.items() if victim)
+JSON_FILES = [
+    ("ace", "ace/dev.json"),
+    ("swig", "swig/SWiG_jsons/test.json"),
+    ("swig", "swig/SWiG_jsons/imsitu_space.json"),
+    ("imsitu", "imsitu/train.json"),
+    ("imsitu", "imsitu/imsitu_space.json"),
+    *(("m2e2", f"m2e2/m2e2_annotations/{kind}_event.json") for kind in ("text_only", "text_multimedia")),
+    *(("m2e2", f"m2e2/m2e2_annotations/{kind}_event.json") for kind in ("image_only", "image_multimedia")),
+]
+# Line-oriented files: (source, file) -> the line a non-UTF-8 byte goes into.
+LINE_FILES = {("mnre", "mnre/mnre_txt/mnre_train.txt"): 3, ("m2e2", "m2e2/m2e2_annotations/crossmedia_coref.txt"): 2}
 TRAIN_SOURCES = ("ace", "swig", "mnre")
 
 
@@ -101,21 +116,69 @@ def refused(capsys: pytest.CaptureFixture[str], code: int) -> str:
 # ---------------------------------------------------------------------------------------------- raw data, recipes
 
 
-@pytest.mark.parametrize("source", sorted(DEMO_INPUTS))
-def test_a_non_utf8_raw_file_is_refused_with_its_path(
-    source: str, demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def build_argv(source: str, raw: Path, images_root: Path, out: Path) -> list[str]:
+    relative, images, _ = DEMO_INPUTS[source]
+    argv = ["shards", "build", "--source", source, "--input", str(raw / relative), "--out", str(out)]
+    return argv + (["--images", str(images_root / images)] if images else [])
+
+
+def copy_raw(demo: dict[str, Path], tmp_path: Path) -> Path:
+    """The demo's raw files without the images (the builds read those from the demo directory)."""
     raw = tmp_path / "raw"
     shutil.copytree(demo["raw"], raw, ignore=shutil.ignore_patterns("*.jpg", "*.png"))
-    relative, images, victim = DEMO_INPUTS[source]
-    data = (raw / victim).read_bytes()
-    (raw / victim).write_bytes(data[:40] + b"\xff\xfe" + data[40:])
+    return raw
+
+
+@pytest.mark.parametrize("source", WHOLE_FILE_SOURCES)
+def test_a_non_utf8_json_file_is_refused_with_its_path_and_line(
+    source: str, demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = copy_raw(demo, tmp_path)
+    victim = raw / DEMO_INPUTS[source][2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:40] + b"\xff\xfe" + data[40:])
     out = tmp_path / "out"
-    argv = ["shards", "build", "--source", source, "--input", str(raw / relative), "--out", str(out)]
-    argv += ["--images", str(demo["raw"] / images)] if images else []
-    error = refused(capsys, cli(argv))
-    assert f"{raw / victim}: not UTF-8 text" in error
+    error = refused(capsys, cli(build_argv(source, raw, demo["raw"], out)))
+    line = data[:40].count(b"\n") + 1
+    assert f"{victim}:{line}: not UTF-8 text (invalid start byte at byte 40)" in error
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(("source", "relative"), JSON_FILES)
+def test_a_truncated_json_file_is_refused_with_its_path_and_line(
+    source: str, relative: str, demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A truncated text_only_event.json once built with exit 0, "malformed input: 1" and every sentence gone.
+    raw = copy_raw(demo, tmp_path)
+    victim = raw / relative
+    text = victim.read_text()
+    victim.write_text(text[: len(text) * 2 // 3])
+    out = tmp_path / "out"
+    error = refused(capsys, cli(build_argv(source, raw, demo["raw"], out)))
+    assert f"{victim}:" in error and ": invalid JSON: " in error and "the file must parse as a whole" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("source", "relative"), sorted(LINE_FILES))
+def test_a_non_utf8_line_is_skipped_with_its_line_number(
+    source: str, relative: str, demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One bad byte in an MNRE line once stopped the whole build with a byte offset and no line number.
+    raw = copy_raw(demo, tmp_path)
+    victim = raw / relative
+    lines = victim.read_bytes().split(b"\n")
+    number = LINE_FILES[(source, relative)]
+    lines[number - 1] = lines[number - 1][:10] + b"\xff" + lines[number - 1][10:]
+    victim.write_bytes(b"\n".join(lines))
+    out = tmp_path / "out"
+    assert cli(build_argv(source, raw, demo["raw"], out)) == 0
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert skipped["total"] == 1
+    (example,) = skipped["by_reason"]["not UTF-8 text"]["examples"]
+    assert example == f"{victim}:{number}: not UTF-8 text: invalid start byte: byte 0xff at offset 10 of the line"
+    capsys.readouterr()
+    error = refused(capsys, cli([*build_argv(source, raw, demo["raw"], tmp_path / "strict"), "--strict"]))
+    assert example in error and not (tmp_path / "strict").exists()
 
 
 def test_a_non_utf8_recipe_is_refused_with_its_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rmpl_ds.errors import UserError
 from rmpl_ds.ontology import ACE_EVENT_TYPES, ACE_TO_M2E2, EVENT_TYPES
 from rmpl_ds.records import TextArgument, Trigger
 from rmpl_ds.sources import SOURCES, SourceError
@@ -171,14 +172,38 @@ def test_bad_sentences_are_skipped_or_fail_under_strict(tmp_path: Path, change: 
 
 
 def test_malformed_json_names_the_line(tmp_path: Path) -> None:
+    # A truncated array loses every sentence in it: an error even without --strict, never one skipped record.
     path = tmp_path / "dev.json"
-    path.write_text(json.dumps([ATTACK_SENTENCE], indent=2)[:-30])
+    text = json.dumps([ATTACK_SENTENCE, ATTACK_SENTENCE], indent=2)[:-30]
+    path.write_text(text)
+    last_line = text.count("\n") + 1
+    for strict in (False, True):
+        with pytest.raises(UserError) as raised:
+            convert(path, strict=strict)
+        assert str(raised.value).startswith(f"{path}:{last_line}: invalid JSON: ")
+    (tmp_path / "dev.json").write_text("[1, 2")
+    with pytest.raises(UserError, match=r"dev\.json:1: invalid JSON: .*must parse as a whole"):
+        convert(path)
+
+
+def test_a_non_utf8_line_of_oneie_json_lines_is_one_skipped_record(tmp_path: Path) -> None:
+    good = (ACE / "oneie_format" / "example.oneie.json").read_bytes().strip()
+    other = json.loads(good)
+    other["sent_id"] = "other-1"
+    path = tmp_path / "train.oneie.json"
+    path.write_bytes(good + b"\n" + b'{"sent_id": "caf\xe9"}\n' + json.dumps(other).encode() + b"\n")
     conversion = convert(path)
-    assert conversion.records == []
+    assert [record.id for record in conversion.records] == ["AFP_ENG_20030427.0118-1", "other-1"]
     (skip,) = conversion.skipped
-    assert skip.reason == reasons.MALFORMED and int(skip.line_or_key) > 1
-    with pytest.raises(SourceError, match=r"dev\.json:\d+: malformed input: invalid JSON"):
+    assert (skip.file, skip.line_or_key, skip.reason) == (str(path), "2", reasons.NOT_UTF8)
+    with pytest.raises(SourceError) as raised:
         convert(path, strict=True)
+    assert str(raised.value).startswith(f"{path}:2: not UTF-8 text: invalid continuation byte")
+    # In a JSON array the same byte makes the whole file unreadable: an error naming the line.
+    array = tmp_path / "dev.json"
+    array.write_bytes(b'[\n  {"words": ["caf\xe9"]}\n]')
+    with pytest.raises(UserError, match=r"dev\.json:2: not UTF-8 text \(invalid continuation byte at byte 19\)"):
+        convert(array)
 
 
 def test_oneie_bad_lines_are_skipped_with_their_line_numbers(tmp_path: Path) -> None:
@@ -211,8 +236,6 @@ def test_duplicate_sentence_ids_are_skipped(tmp_path: Path) -> None:
 
 
 def test_missing_input_is_a_user_error(tmp_path: Path) -> None:
-    from rmpl_ds.errors import UserError
-
     with pytest.raises(UserError, match="no such file"):
         convert(tmp_path / "absent")
     with pytest.raises(UserError, match="no input files"):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from rmpl_ds import resources
+from rmpl_ds.errors import UserError
 from rmpl_ds.ontology import imsitu_verb_mappings, parse_verb_mappings
 from rmpl_ds.records import VisualArgument
 from rmpl_ds.sources import SOURCES, SourceError
@@ -203,12 +204,23 @@ def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: st
 
 
 def test_malformed_split_file(tmp_path: Path) -> None:
-    directory = swig_dir(tmp_path, {})
-    (directory / "dev.json").write_text('{"a.jpg": {"verb": ')
-    conversion = SOURCES["swig"](directory)
-    assert conversion.records == [] and [skip.reason for skip in conversion.skipped] == [reasons.MALFORMED]
-    with pytest.raises(SourceError, match=r"dev\.json:1: malformed input"):
-        SOURCES["swig"](directory, strict=True)
+    # A split file that does not parse, or is not an object, loses all its records: an error even without --strict.
+    directory = swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
+    (directory / "dev.json").write_text('{"a.jpg": {\n "verb": ')
+    for strict in (False, True):
+        with pytest.raises(UserError, match=r"dev\.json:2: invalid JSON: .*must parse as a whole"):
+            SOURCES["swig"](directory, strict=strict)
+    (directory / "dev.json").write_text('["a.jpg"]')
+    with pytest.raises(UserError, match=r"dev\.json: expected a JSON object keyed by image file name, found an array"):
+        SOURCES["swig"](directory)
+    # imsitu_space.json too: a truncated one must not silently turn the verb and role checks off.
+    swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
+    space = directory / "imsitu_space.json"
+    truncated = space.read_text()[:100]
+    space.unlink()  # copied read-only from the fixtures
+    space.write_text(truncated)
+    with pytest.raises(UserError, match=r"imsitu_space\.json:\d+: invalid JSON"):
+        SOURCES["imsitu"](directory)
 
 
 def test_images_are_checked_when_given(tmp_path: Path) -> None:

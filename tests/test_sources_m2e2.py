@@ -192,9 +192,6 @@ def _break(folder: Path, change: str) -> tuple[str, str, str]:
         text[3] = text[3].replace("\t", " ", 1)
         (folder / "crossmedia_coref.txt").write_text("\n".join(text))
         return "crossmedia_coref.txt", "4", reasons.MALFORMED
-    if change == "image file not JSON":
-        (folder / "image_only_event.json").write_text('{"a": ')
-        return "image_only_event.json", "1", reasons.MALFORMED
     raise AssertionError(change)
 
 
@@ -207,7 +204,6 @@ def _break(folder: Path, change: str) -> tuple[str, str, str]:
         "x2 < x1",
         "unknown image role",
         "coref columns",
-        "image file not JSON",
     ],
 )
 def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: str) -> None:
@@ -219,6 +215,43 @@ def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: st
     with pytest.raises(SourceError) as raised:
         load_m2e2(folder, strict=True)
     assert str(raised.value).startswith(f"{folder / name}:{location}: {reason}")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["text_only_event.json", "text_multimedia_event.json", "image_only_event.json", "image_multimedia_event.json"],
+)
+def test_a_json_file_that_does_not_parse_is_an_error_even_without_strict(tmp_path: Path, name: str) -> None:
+    # A truncated text_only_event.json once built "fine" with "malformed input: 1" and all of its sentences gone.
+    folder = copy_release(tmp_path)
+    text = (folder / name).read_text()
+    cut = text[: len(text) // 2]
+    (folder / name).write_text(cut)
+    line = cut.count("\n") + 1
+    for strict in (False, True):
+        with pytest.raises(UserError) as raised:
+            load_m2e2(folder, strict=strict)
+        assert str(raised.value).startswith(f"{folder / name}:{line}: invalid JSON: ")
+    with pytest.raises(UserError, match="must parse as a whole"):
+        SOURCES["m2e2"](folder)
+    # Valid JSON of the wrong shape loses the file just the same.
+    (folder / name).write_text("[]" if name.startswith("image") else "{}")
+    expected = "object keyed by image id, found an array" if name.startswith("image") else "array of sentences"
+    with pytest.raises(UserError, match=f"{name}: expected a JSON {expected}"):
+        load_m2e2(folder)
+
+
+def test_a_non_utf8_coref_line_is_one_skipped_line(tmp_path: Path) -> None:
+    folder = copy_release(tmp_path)
+    lines = (folder / "crossmedia_coref.txt").read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"\t", b"\t\xff", 1)
+    (folder / "crossmedia_coref.txt").write_bytes(b"\n".join(lines))
+    gold = load_m2e2(folder)
+    assert len(gold.coref) == 11
+    (skip,) = gold.skipped
+    assert (skip.file, skip.line_or_key, skip.reason) == (str(folder / "crossmedia_coref.txt"), "3", reasons.NOT_UTF8)
+    with pytest.raises(SourceError, match=r"crossmedia_coref\.txt:3: not UTF-8 text: invalid start byte"):
+        load_m2e2(folder, strict=True)
 
 
 def test_images_checked_against_their_files(tmp_path: Path) -> None:

@@ -114,3 +114,18 @@ def test_images_in_flat_or_per_split_folders(tmp_path: Path) -> None:
     )
     with pytest.raises(SourceError, match="image not found"):
         convert(path, images_dir=images, strict=True)
+
+
+def test_a_non_utf8_line_is_one_skipped_record(tmp_path: Path) -> None:
+    # One bad byte once stopped the whole build with a byte offset and no line number.
+    path = tmp_path / "mnre_train.txt"
+    bad = GOOD.encode().replace(b"Nadal", b"Nad\xe1l")  # Latin-1, not UTF-8
+    path.write_bytes(b"\n".join([GOOD.encode(), bad, GOOD.encode(), b""]))
+    conversion = convert(path)
+    assert [record.id for record in conversion.records] == ["mnre_train-1", "mnre_train-3"]
+    (skip,) = conversion.skipped
+    assert (skip.file, skip.line_or_key, skip.reason) == (str(path), "2", reasons.NOT_UTF8)
+    assert skip.detail == "invalid continuation byte: byte 0xe1 at offset 49 of the line"
+    with pytest.raises(SourceError) as raised:
+        convert(path, strict=True)
+    assert str(raised.value) == f"{path}:2: not UTF-8 text: {skip.detail}"

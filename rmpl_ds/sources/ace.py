@@ -10,7 +10,10 @@
   ``start``/``end`` are used when present).
 
 The format is detected per file from its content: a JSON array is nlpcl-lab when its sentences have a
-``sentence`` key and JMEE otherwise; one JSON object per line is OneIE. The 8 ACE types that M2E2 uses are kept
+``sentence`` key and JMEE otherwise; anything else is read as JSON Lines (OneIE). A JSON array is one document: if
+it is not UTF-8 or does not parse, that is an error naming the file and line (none of its sentences could be
+read). In JSON Lines each line is one record: a line that is not UTF-8 or not a JSON object is skipped with its
+line number. The 8 ACE types that M2E2 uses are kept
 (:data:`rmpl_ds.ontology.ACE_TO_M2E2`); mentions of the other 25 are dropped (counted), so their sentence is a
 negative. Arguments keep the roles M2E2's text schema has for the type (:data:`rmpl_ds.ontology.TEXT_ROLES`);
 time, crime, money and the like are dropped (counted). A type outside the 33 is bad input.
@@ -18,9 +21,10 @@ time, crime, money and the like are dropped (counted). A type outside the 33 is 
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +39,16 @@ from rmpl_ds.sources.base import (
     Problems,
     RecordError,
     count_records,
+    decode_text,
     get,
     get_list,
     input_files,
     join_path,
-    read_text,
+    parse_json,
+    read_bytes,
     sorted_counter,
     split_from_name,
+    split_lines,
     token_span,
 )
 
@@ -107,18 +114,12 @@ def convert(
     negatives_dropped = 0
     for path in input_files(input_path, (".json", ".jsonl")):
         split = split_from_name(path)
-        text = read_text(path)
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            found = _read_list_file(path, text, split, problems, mapper)
-        elif stripped.startswith("{"):
-            found = _read_oneie_file(path, text, split, problems, mapper)
+        data = read_bytes(path)
+        if data.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+            items = parse_json(path, decode_text(path, data))
+            file_format, sentences = _read_list_file(path, items, split, problems, mapper)
         else:
-            problems.report(path, "1", MALFORMED, "expected a JSON array of sentences or one JSON object per line")
-            continue
-        if found is None:
-            continue
-        file_format, sentences = found
+            file_format, sentences = _read_oneie_file(path, split_lines(path, data, problems), split, problems, mapper)
         formats[path.name] = file_format
         for location, sentence in sentences:
             if sentence.id in seen_ids:
@@ -141,17 +142,9 @@ def convert(
 
 
 def _read_list_file(
-    path: Path, text: str, split: str, problems: Problems, mapper: _Mapper
-) -> tuple[str, list[tuple[str, TextSentence]]] | None:
-    """An nlpcl-lab or JMEE file: (format, [(key path, sentence)]), or None after reporting why it is unusable."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        problems.report(path, str(exc.lineno), MALFORMED, f"invalid JSON: {exc.msg} (column {exc.colno})")
-        return None
-    if not isinstance(items, list):
-        problems.report(path, "1", MALFORMED, "expected a JSON array of sentences")
-        return None
+    path: Path, items: list[Any], split: str, problems: Problems, mapper: _Mapper
+) -> tuple[str, list[tuple[str, TextSentence]]]:
+    """An nlpcl-lab or JMEE file, parsed: (format, [(key path, sentence)]); bad sentences are reported."""
     # nlpcl-lab keeps the raw sentence; JMEE never has it. Decide once per file, from the content.
     file_format = NLPCL_LAB if any(isinstance(item, dict) and "sentence" in item for item in items) else JMEE
     sentences: list[tuple[str, TextSentence]] = []
@@ -187,11 +180,11 @@ def _inline_arguments(mention: Mapping[str, Any], tokens: list[str], path: str) 
 
 
 def _read_oneie_file(
-    path: Path, text: str, split: str, problems: Problems, mapper: _Mapper
+    path: Path, lines: Iterable[tuple[int, str]], split: str, problems: Problems, mapper: _Mapper
 ) -> tuple[str, list[tuple[str, TextSentence]]]:
     """A OneIE JSON Lines file: ("oneie", [(line number, sentence)]); bad lines are reported and left out."""
     sentences: list[tuple[str, TextSentence]] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in lines:
         if not line.strip():
             continue
         location = str(line_number)

@@ -1,19 +1,28 @@
 """What every converter shares: the result type, skip-with-reason bookkeeping, field checks, images, counts.
 
 A converter turns one real dataset (a file or a directory of split files) into unified records
-(:mod:`rmpl_ds.records`). Bad input never stops a normal run: the record is skipped and a :class:`Skip` names the
+(:mod:`rmpl_ds.records`). A bad record never stops a normal run: the record is skipped and a :class:`Skip` names the
 file, the line or key path, a short reason (the manifest groups by it) and the detail. Under ``strict`` the first
-problem raises :class:`SourceError` (a :class:`~rmpl_ds.errors.UserError`, so the CLI exits 2) with the same
-text. Mapping decisions (an ACE type M2E2 does not use, an imSitu verb without an M2E2 meaning) are not problems:
-they are counted in :attr:`Conversion.counts`.
+problem raises :class:`SourceError` (a :class:`~rmpl_ds.errors.UserError`, so the CLI exits 2) with the same text.
+Mapping decisions (an ACE type M2E2 does not use, an imSitu verb without an M2E2 meaning) are not problems: they are
+counted in :attr:`Conversion.counts`.
+
+What counts as one record depends on how a file is read:
+
+* A whole-file format (one JSON document: M2E2, ACE nlpcl-lab/JMEE, imSitu/SWiG) that is not UTF-8, does not parse
+  or has the wrong top-level shape holds no readable record at all, so it is an error even in a normal run
+  (:class:`~rmpl_ds.errors.UserError` naming the file and the line), never a skip that hides a lost file.
+* In a line-oriented file (MNRE, OneIE JSON Lines, ``crossmedia_coref.txt``) each line is one record: a line that
+  is not UTF-8 or does not parse is one skip with its line number (:func:`read_lines`).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +32,7 @@ from rmpl_ds.records import Box, CrossMediaLink, ImageRecord, Record, RelationPa
 
 # Skip reasons: short and fixed, because the manifest counts skipped records by reason.
 MALFORMED = "malformed input"
+NOT_UTF8 = "not UTF-8 text"
 MISSING_FIELD = "missing field"
 WRONG_TYPE = "wrong field type"
 OFFSET_OUTSIDE = "offset outside the sentence"
@@ -179,6 +189,12 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (``an object``, ``an array``, ...), for file-shape errors."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
 def get(obj: Mapping[str, Any], key: str, expected: type | tuple[type, ...], path: str = "") -> Any:
     """``obj[key]`` checked to be of type ``expected`` (bool never counts as int)."""
     key_path = join_path(path, key)
@@ -279,23 +295,84 @@ def split_from_name(path: str | Path) -> str:
     return UNSPLIT
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 file's text without a BOM (``data_list.csv`` style files carry one)."""
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes; UserError naming the file when it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def load_json(path: Path, problems: Problems) -> Any | None:
-    """The whole file as JSON, or None after reporting :data:`MALFORMED` with the parser's line."""
+def _without_bom(data: bytes) -> tuple[int, bytes]:
+    """(bytes removed, ``data`` without a UTF-8 BOM); ``data_list.csv`` style files carry one."""
+    if data.startswith(codecs.BOM_UTF8):
+        return len(codecs.BOM_UTF8), data[len(codecs.BOM_UTF8) :]
+    return 0, data
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """A whole file's bytes as UTF-8 text without a BOM.
+
+    Raises UserError ``FILE:LINE: not UTF-8 text (... at byte N)`` (N counted from the start of the file): a
+    whole-file format cannot be read around a bad byte, so the file is unusable.
+    """
+    skipped, body = _without_bom(data)
     try:
-        return json.loads(read_text(path))
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: {NOT_UTF8} ({exc.reason} at byte {skipped + exc.start})") from None
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 file's text without a BOM (see :func:`decode_text`)."""
+    return decode_text(path, read_bytes(path))
+
+
+def parse_json(path: Path, text: str) -> Any:
+    """``text``, a whole file, as one JSON document.
+
+    Raises UserError ``FILE:LINE: invalid JSON: ... (column C)``: a JSON document that does not parse (a truncated
+    download, say) holds no readable record, and reporting it as one skipped record would hide the loss of all of
+    them.
+    """
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        problems.report(path, str(exc.lineno), MALFORMED, f"invalid JSON: {exc.msg} (column {exc.colno})")
-        return None
+        raise UserError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); the file must parse as a whole"
+        ) from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply to parse") from None
+
+
+def load_json(path: Path) -> Any:
+    """A whole file as one JSON document (see :func:`decode_text` and :func:`parse_json` for the errors)."""
+    return parse_json(path, read_text(path))
+
+
+def read_lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of every line of a line-oriented file (see :func:`split_lines`)."""
+    return split_lines(path, read_bytes(path), problems)
+
+
+def split_lines(path: Path, data: bytes, problems: Problems) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of every line of ``data``, the bytes of the line-oriented file ``path``.
+
+    Lines end at ``\\n`` (a ``\\r`` before it is dropped, a BOM at the start too), so line numbers are an editor's.
+    A line that is not UTF-8 is one bad record: it is reported (:data:`NOT_UTF8`, with its line number; under
+    ``strict`` that raises) and left out, and the lines around it are read as usual.
+    """
+    _, body = _without_bom(data)
+    for number, raw in enumerate(body.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            detail = f"{exc.reason}: byte 0x{raw[exc.start]:02x} at offset {exc.start} of the line"
+            problems.report(path, str(number), NOT_UTF8, detail)
+            continue
+        yield number, text
 
 
 # --- images ---------------------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rmpl_ds.errors import UserError
 from rmpl_ds.ontology import IMAGE_ROLES, VerbMapping, imsitu_verb_mappings
 from rmpl_ds.records import ImageEvent, ImageRecord, VisualArgument
 from rmpl_ds.sources.base import (
     IMAGE_SIZE_MISMATCH,
-    MALFORMED,
     MISSING_FIELD,
     UNGROUNDED_BOX,
     UNKNOWN_ROLE,
@@ -42,6 +42,7 @@ from rmpl_ds.sources.base import (
     get,
     get_list,
     input_files,
+    json_kind,
     load_json,
     sorted_counter,
     split_from_name,
@@ -180,23 +181,20 @@ def _convert(
     split_files: list[tuple[Path, Any]] = []
     space_obj: Any = None
     for file in files:
-        obj = load_json(file, problems)
-        if obj is None:
-            continue
+        obj = load_json(file)
         if _is_space(obj):
             space_obj = obj
         else:
             split_files.append((file, obj))
     if space_obj is None and path.is_file() and (path.parent / SPACE_FILE_NAME).is_file():
-        space_obj = load_json(path.parent / SPACE_FILE_NAME, problems)
+        space_obj = load_json(path.parent / SPACE_FILE_NAME)
     space = _Space.parse(space_obj) if _is_space(space_obj) else _Space(None, {})
     converter = _Converter(space, ImageChecker(images_dir) if images_dir is not None else None, keep_negatives)
     records: list[ImageRecord] = []
     formats: dict[str, str] = {}
     for file, obj in split_files:
         if not isinstance(obj, dict):
-            problems.report(file, "1", MALFORMED, f"expected an object keyed by image file name, found {describe(obj)}")
-            continue
+            raise UserError(f"{file}: expected a JSON object keyed by image file name, found {json_kind(obj)}")
         # SWiG records carry boxes and the image size; imSitu records never do. Decided per file, by content.
         file_format = SWIG if any(isinstance(v, dict) and "bb" in v for v in obj.values()) else IMSITU
         formats[file.name] = file_format
@@ -233,7 +231,9 @@ def convert_imsitu(
 
     ``input_path``: a split file or a directory of them (optionally with ``imsitu_space.json``); the split comes
     from the file name. Record ids and image names are the imSitu keys (``hitchhiking_238.jpg``); a record's
-    ``source`` is the format its file was detected as.
+    ``source`` is the format its file was detected as. Bad records are skipped (or raise under ``strict``); a
+    JSON file that is not UTF-8, does not parse, or (a split file) is not an object raises UserError naming the
+    file and line, strict or not: none of its records could be read.
     """
     return _convert(IMSITU, input_path, images_dir, strict, keep_negatives)
 

@@ -57,8 +57,9 @@ from rmpl_ds.sources.base import (
     get,
     get_list,
     join_path,
+    json_kind,
     load_json,
-    read_text,
+    read_lines,
     token_span,
 )
 
@@ -164,8 +165,9 @@ def load_m2e2(directory: str | Path, *, images_dir: str | Path | None = None, st
 
     ``images_dir``: when given, each annotated image must be ``images_dir/<image id>.jpg`` and decode; its size is
     recorded and its boxes must lie inside it (images that fail are skipped; the coreference check still uses
-    the annotation). Bad records are skipped with a reason, or raise :class:`~rmpl_ds.sources.base.SourceError`
-    under ``strict``.
+    the annotation). Bad records (a sentence, an image entry, a coreference line) are skipped with a reason, or
+    raise :class:`~rmpl_ds.sources.base.SourceError` under ``strict``. A JSON file that is not UTF-8, does not
+    parse or is not a list (text) / an object (images) raises UserError naming the file and line, strict or not.
     """
     folder = annotations_dir(directory)
     problems = Problems(strict)
@@ -188,12 +190,9 @@ def _read_sentences(folder: Path, problems: Problems) -> tuple[dict[str, TextSen
     overlap: list[str] = []
     for name, setting in TEXT_FILES.items():
         path = folder / name
-        items = load_json(path, problems)
-        if items is None:
-            continue
+        items = load_json(path)
         if not isinstance(items, list):
-            problems.report(path, "1", MALFORMED, f"expected a JSON list of sentences, found {describe(items)}")
-            continue
+            raise UserError(f"{path}: expected a JSON array of sentences, found {json_kind(items)}")
         seen_here: set[str] = set()
         for index, item in enumerate(items):
             try:
@@ -258,12 +257,9 @@ def _read_images(
     records: list[ImageRecord] = []
     for name, setting in IMAGE_FILES.items():
         path = folder / name
-        entries = load_json(path, problems)
-        if entries is None:
-            continue
+        entries = load_json(path)
         if not isinstance(entries, dict):
-            problems.report(path, "1", MALFORMED, f"expected an object keyed by image id, found {describe(entries)}")
-            continue
+            raise UserError(f"{path}: expected a JSON object keyed by image id, found {json_kind(entries)}")
         for image_id, entry in entries.items():
             try:
                 if image_id in annotated:
@@ -313,10 +309,10 @@ def _image_event(entry: Any) -> tuple[str, tuple[VisualArgument, ...], list[tupl
 
 def _read_coref(path: Path, problems: Problems) -> list[tuple[int, CrossMediaLink]]:
     links = []
-    for line_number, line in enumerate(read_text(path).splitlines(), start=1):
+    for line_number, line in read_lines(path, problems):
         if not line.strip():
             continue
-        columns = line.rstrip("\r").split("\t")
+        columns = line.split("\t")
         if len(columns) != 3 or not all(column.strip() for column in columns):
             problems.report(
                 path, str(line_number), MALFORMED, "expected sentence id, image file, event type separated by tabs"

@@ -10,7 +10,8 @@ which builds literals only and never runs code. A line holds ``token``, ``h`` / 
 * ``mnre-v1`` (``Version-1/mnre_txt_org.zip``): key order ``token, h, t, relation, img_id``; its own label set with
   a lowercase ``none`` (:data:`rmpl_ds.ontology.MNRE_V1_RELATION_LABELS`), which becomes ``None`` here.
 
-The version is detected per file from the key order of its first readable line.
+The version is detected per file from the key order of its first readable line. Each line is one record: a line
+that is not UTF-8, not a literal or not a dict is skipped with its line number, like any other bad record.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from rmpl_ds.sources.base import (
     get,
     get_list,
     input_files,
-    read_text,
+    read_lines,
     split_from_name,
 )
 
@@ -72,7 +73,7 @@ def convert(
         split = split_from_name(path)
         stem = path.stem.replace(" ", "")
         file_format = ""
-        for line_number, line in enumerate(read_text(path).splitlines(), start=1):
+        for line_number, line in read_lines(path, problems):
             if not line.strip():
                 continue
             item = _parse_line(line, path, line_number, problems)
