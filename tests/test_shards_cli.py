@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,51 @@ def test_nothing_converted_writes_the_reasons_and_exits_1(tmp_path: Path) -> Non
     raw.write_text("{'token': \n")
     assert build("mnre", raw, tmp_path / "out", tmp_path) == 1
     assert manifest(tmp_path / "out")["skipped"]["by_reason"]["malformed input"]["count"] == 1
+
+
+MNRE_LINE = (
+    "{'token': ['Ann', 'met', 'Bob'], 'h': {'name': 'Ann', 'pos': [0, 1]}, 't': {'name': 'Bob', 'pos': [2, 3]}, "
+    "'img_id': 'NAME', 'relation': '/per/per/peer'}"
+)
+
+
+def test_manifest_is_byte_identical_across_builds_with_bad_lines(demo: Path, tmp_path: Path) -> None:
+    # Skip reasons once held an AST node's memory address and a set in hash order, so manifest.json differed
+    # between two builds of the same input (the tars did not). Two processes with different hash seeds.
+    raw = tmp_path / "mnre_txt"
+    shutil.copytree(demo / "mnre" / "mnre_txt", raw)
+    images = tmp_path / "img_org"
+    shutil.copytree(demo / "mnre" / "img_org", images)
+    unreadable = sorted((images / "train").iterdir())[0]
+    unreadable.write_bytes(b"\xff\xd8 not a JPEG")
+    bad_lines = [
+        b"__import__('os').system('true')",  # code: literal_eval's message named an AST node at an address
+        b"{'token': ['a', 'b'], 'h': ",  # cut short
+        b"{'x', 'y', 'z', 'w'}",  # a set, not a dict
+        MNRE_LINE.replace("'token': [", "'token': {'p', 'q', 'r'}, 'x': [").encode(),  # a set where a list belongs
+        MNRE_LINE.replace("NAME", "twitter_absent.jpg").encode(),  # image not found
+        MNRE_LINE.replace("Ann", "Ann\xe9").encode("latin-1"),  # not UTF-8
+    ]
+    train = raw / "mnre_train.txt"
+    train.write_bytes(train.read_bytes() + b"\n".join(bad_lines) + b"\n")
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out-{seed}"
+        command = [sys.executable, "-m", "rmpl_ds", "shards", "build", "--source", "mnre", "--input", str(raw)]
+        command += ["--images", str(images), "--out", str(out)]
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr
+        outputs.append(files(out))
+    assert outputs[0] == outputs[1]
+    by_reason = json.loads(outputs[0]["manifest.json"])["skipped"]["by_reason"]
+    assert {reason: entry["count"] for reason, entry in by_reason.items()} == {
+        "image not found": 1,
+        "malformed input": 3,
+        "not UTF-8 text": 1,
+        "unreadable image": (raw / "mnre_train.txt").read_text(errors="replace").count(unreadable.name),
+        "wrong field type": 1,
+    }
 
 
 def test_missing_and_unreadable_images(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -129,3 +129,22 @@ def test_a_non_utf8_line_is_one_skipped_record(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as raised:
         convert(path, strict=True)
     assert str(raised.value) == f"{path}:2: not UTF-8 text: {skip.detail}"
+
+
+def test_skip_reasons_are_the_same_text_in_every_run(tmp_path: Path) -> None:
+    # literal_eval's message holds an AST node's memory address, and a set's order follows string hashing, which
+    # changes between processes; the reasons name what is wrong in fixed words instead.
+    path = tmp_path / "mnre_train.txt"
+    lines = [
+        "__import__('os').system('true')",
+        "{'token': ['a', 'b'], 'h': ",
+        "{'x', 'y', 'z'}",
+        GOOD.replace("'token': [", "'token': {'b', 'a'}, 'x': ["),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    assert [str(skip).removeprefix(f"{path}:") for skip in convert(path).skipped] == [
+        "1: malformed input: not a Python literal: a Call at column 0",
+        "2: malformed input: not a Python literal: '{' was never closed (column 1)",
+        "3: malformed input: expected a dict literal, found set {'x', 'y', 'z'}",
+        "4: wrong field type: token: expected list, found set {'a', 'b'}",
+    ]

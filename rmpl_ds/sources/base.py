@@ -2,10 +2,11 @@
 
 A converter turns one real dataset (a file or a directory of split files) into unified records
 (:mod:`rmpl_ds.records`). A bad record never stops a normal run: the record is skipped and a :class:`Skip` names the
-file, the line or key path, a short reason (the manifest groups by it) and the detail. Under ``strict`` the first
-problem raises :class:`SourceError` (a :class:`~rmpl_ds.errors.UserError`, so the CLI exits 2) with the same text.
-Mapping decisions (an ACE type M2E2 does not use, an imSitu verb without an M2E2 meaning) are not problems: they are
-counted in :attr:`Conversion.counts`.
+file, the line or key path, a short reason (the manifest groups by it) and the detail, all deterministic text (the
+manifest of a rebuild must be byte-identical). Under ``strict`` the first problem raises :class:`SourceError` (a
+:class:`~rmpl_ds.errors.UserError`, so the CLI exits 2) with the same text. Mapping decisions (an ACE type M2E2
+does not use, an imSitu verb without an M2E2 meaning) are not problems: they are counted in
+:attr:`Conversion.counts`.
 
 What counts as one record depends on how a file is read:
 
@@ -182,11 +183,31 @@ def join_path(*parts: str) -> str:
 
 
 def describe(value: Any) -> str:
-    """A short "what was found" for error messages."""
-    text = repr(value)
+    """A short "what was found" for error messages; the same value always gives the same text (see stable_repr)."""
+    text = stable_repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def stable_repr(value: Any) -> str:
+    """``repr`` with the items of every set sorted.
+
+    A set of strings iterates in an order that depends on string hashing, which changes from process to process
+    (MNRE lines are Python literals, so a line can hold a set); a skip reason must not.
+    """
+    if isinstance(value, set | frozenset):
+        if not value:
+            return repr(value)
+        body = "{" + ", ".join(sorted(stable_repr(item) for item in value)) + "}"
+        return body if isinstance(value, set) else f"frozenset({body})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{stable_repr(key)}: {stable_repr(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(stable_repr(item) for item in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(stable_repr(item) for item in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
 
 
 def json_kind(value: Any) -> str:

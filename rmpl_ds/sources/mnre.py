@@ -48,6 +48,21 @@ ENTITY_NAME_MISMATCH = "entity name differs from its tokens"
 
 # A real line is under 2 KB; anything far larger is not an MNRE line, and literal_eval's cost grows with it.
 MAX_LINE_CHARS = 100_000
+# What a dict literal is made of (BinOp: literal_eval's complex numbers, ``1+2j``). Anything else in a line that
+# literal_eval refuses (a call, a name, ...) is named in the skip reason.
+_LITERAL_NODES = (
+    ast.Expression,
+    ast.Constant,
+    ast.Dict,
+    ast.List,
+    ast.Tuple,
+    ast.Set,
+    ast.UnaryOp,
+    ast.BinOp,
+    ast.unaryop,
+    ast.operator,
+    ast.expr_context,
+)
 
 
 def convert(
@@ -102,15 +117,34 @@ def _parse_line(line: str, path: Path, line_number: int, problems: Problems) -> 
     if len(line) > MAX_LINE_CHARS:
         problems.report(path, str(line_number), MALFORMED, f"line of {len(line)} characters is not an MNRE record")
         return None
+    # Parsed first and evaluated as a tree, so that the reason can name what is wrong in fixed words: literal_eval's
+    # own message holds the repr of an AST node with its memory address, which differs from run to run.
     try:
-        item = ast.literal_eval(line.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-        problems.report(path, str(line_number), MALFORMED, f"not a Python dict literal: {type(exc).__name__}: {exc}")
+        tree = ast.parse(line.strip(), mode="eval")
+    except SyntaxError as exc:
+        where = f" (column {exc.offset})" if exc.offset else ""
+        problems.report(path, str(line_number), MALFORMED, f"not a Python literal: {exc.msg}{where}")
+        return None
+    except (ValueError, MemoryError, RecursionError) as exc:  # null bytes; nesting too deep for the parser
+        problems.report(path, str(line_number), MALFORMED, f"not a Python literal: {type(exc).__name__}")
+        return None
+    try:
+        item = ast.literal_eval(tree)
+    except (ValueError, TypeError, MemoryError, RecursionError):
+        problems.report(path, str(line_number), MALFORMED, f"not a Python literal: {_not_literal(tree)}")
         return None
     if not isinstance(item, dict):
         problems.report(path, str(line_number), MALFORMED, f"expected a dict literal, found {describe(item)}")
         return None
     return item
+
+
+def _not_literal(tree: ast.AST) -> str:
+    """The first part of ``tree`` that is not a literal, e.g. ``a Call at column 0``."""
+    for node in ast.walk(tree):
+        if not isinstance(node, _LITERAL_NODES):
+            return f"a {type(node).__name__} at column {getattr(node, 'col_offset', 0)}"
+    return "only strings, numbers, tuples, lists, dicts, sets, booleans and None are allowed"
 
 
 def _detect_version(item: Mapping[str, Any]) -> str:
