@@ -574,6 +574,15 @@ class _ShardIndex:
     members: list[dict[str, tuple[int, int, str]]]
 
 
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """A shard set's manifest, structurally checked (no shard or index is read).
+
+    Raises:
+        UserError: the directory or manifest is missing or malformed.
+    """
+    return _load_manifest(Path(directory))
+
+
 def _load_manifest(directory: Path) -> dict[str, Any]:
     """The parsed, structurally checked manifest; UserError naming the file and key otherwise."""
     path = directory / MANIFEST_NAME

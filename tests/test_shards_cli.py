@@ -14,7 +14,7 @@ from PIL import Image
 
 from rmpl_ds.cli import main
 from rmpl_ds.records import ImageRecord, RelationPair, from_json
-from rmpl_ds.shards import ShardSet
+from rmpl_ds.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, ShardSet
 from rmpl_ds.sources.demo import write_demo
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
@@ -208,17 +208,98 @@ def test_strict_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys: pyt
     assert entry["count"] == 1 and entry["examples"][0].startswith(f"{raw / 'train.json'}:[1].golden-event-mentions")
 
 
-def test_nothing_converted_writes_the_reasons_and_exits_1(tmp_path: Path) -> None:
-    raw = tmp_path / "mnre_test.txt"
-    raw.write_text("{'token': \n")
-    assert build("mnre", raw, tmp_path / "out", tmp_path) == 1
-    assert manifest(tmp_path / "out")["skipped"]["by_reason"]["malformed input"]["count"] == 1
-
-
 MNRE_LINE = (
     "{'token': ['Ann', 'met', 'Bob'], 'h': {'name': 'Ann', 'pos': [0, 1]}, 't': {'name': 'Bob', 'pos': [2, 3]}, "
     "'img_id': 'NAME', 'relation': '/per/per/peer'}"
 )
+
+
+def test_a_build_that_converts_nothing_writes_nothing_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to write a manifest with no shard and exit 1, leaving a set that `verify` called ok and that the
+    # pipeline would reuse; now the reasons go to the terminal and an existing set at --out is kept as it was.
+    images = tmp_path / "img_org"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "red").save(images / "a.jpg")
+    good = tmp_path / "good" / "mnre_test.txt"
+    good.parent.mkdir()
+    good.write_text(MNRE_LINE.replace("NAME", "a.jpg") + "\n")
+    out = tmp_path / "out"
+    assert build("mnre", good, out, images) == 0
+    before = files(out)
+    capsys.readouterr()
+    raw = tmp_path / "mnre_test.txt"
+    raw.write_text("{'token': \n" + MNRE_LINE.replace("/peer", "/friend").replace("NAME", "a.jpg") + "\n")
+    assert build("mnre", raw, out, images) == 2
+    error = capsys.readouterr().err
+    assert f"{raw}: no record to write, so {out} was not written" in error and "Traceback" not in error
+    assert "skipped 2 (malformed input: 1, unknown relation label: 1)" in error
+    assert f"{raw}:1: malformed input: not a Python literal" in error
+    assert files(out) == before
+    assert build("mnre", raw, tmp_path / "new", images) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_verify_refuses_an_empty_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # What `shards build` used to leave behind when every record was skipped.
+    (tmp_path / "empty").mkdir()
+    empty_manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": "mnre", "samples": 0}
+    (tmp_path / "empty" / MANIFEST_NAME).write_text(json.dumps({**empty_manifest, "shard_size": 1000, "shards": []}))
+    assert main(["shards", "verify", str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'empty'}: the shard set holds no sample" in captured.err and "Traceback" not in captured.err
+    assert "ok" not in captured.out
+
+
+def test_a_wrong_or_empty_images_directory_is_an_error(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # MNRE with the SWiG images: every record skipped as "image not found" used to give exit 1 and an empty set;
+    # M2E2 with an empty directory silently dropped every image record.
+    wrong = demo / "swig" / "images_512"
+    assert build("mnre", demo / "mnre" / "mnre_txt", tmp_path / "mnre", wrong) == 2
+    error = capsys.readouterr().err
+    assert f"--images {wrong}: none of the 16 images the records refer to is there" in error
+    assert "image not found: " in error and not (tmp_path / "mnre").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build("m2e2", demo / "m2e2" / "m2e2_annotations", tmp_path / "m2e2", empty) == 2
+    assert f"--images {empty}: empty directory" in capsys.readouterr().err
+    assert build("m2e2", demo / "m2e2" / "m2e2_annotations", tmp_path / "m2e2", tmp_path / "absent") == 2
+    assert f"--images {tmp_path / 'absent'}: not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "m2e2").exists()
+
+
+def test_m2e2_text_part_without_images(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = json.loads((demo / "demo_summary.json").read_text())["counts"]["m2e2"]
+    out = tmp_path / "m2e2"
+    assert build("m2e2", demo / "m2e2" / "m2e2_annotations", out, None, "--no-images") == 0
+    printed = capsys.readouterr().out
+    links, images = summary["coref_links"], summary["image_events"]
+    assert f"{out}: left out (--no-images): {links} crossmedia_link, {images} image_record" in printed
+    written = manifest(out)
+    assert written["samples"] == summary["sentences"]
+    assert written["left_out"] == {
+        "because": "--no-images",
+        "records": {"crossmedia_link": links, "image_record": images},
+    }
+    assert written["counts"]["by_kind"] == {"text_sentence": summary["sentences"]}
+    assert "boxes" not in written["counts"] and written["counts"]["m2e2"]["image_events"] == images
+    assert main(["shards", "verify", str(out)]) == 0
+    with ShardSet.open(out) as shard_set:
+        assert all(set(shard_set.read_raw(i)) == {"json"} for i in range(len(shard_set)))
+
+    for source, (relative, _) in DEMO_SOURCES.items():
+        if source in ("m2e2", "ace"):
+            continue
+        assert build(source, demo / relative, tmp_path / source, None, "--no-images") == 2
+        assert f"--no-images: every {source} record needs its image" in capsys.readouterr().err
+        assert not (tmp_path / source).exists()
+    with pytest.raises(SystemExit) as raised:  # argparse: the two options exclude each other
+        build("m2e2", demo / "m2e2" / "m2e2_annotations", out, demo / "m2e2" / "image", "--no-images")
+    assert raised.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_manifest_is_byte_identical_across_builds_with_bad_lines(demo: Path, tmp_path: Path) -> None:

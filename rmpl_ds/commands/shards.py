@@ -1,6 +1,6 @@
 """Build, verify and inspect shard sets (uncompressed WebDataset tars with a byte-offset index and a manifest).
 
-  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2} --input PATH [--images DIR] --out DIR
+  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2} --input PATH [--images DIR | --no-images] --out DIR
                        [--shard-size N] [--strict] [--drop-negatives]
   rmpl-ds shards verify DIR
   rmpl-ds shards inspect DIR
@@ -8,11 +8,21 @@
 `build` converts a real dataset (rmpl_ds.sources) to unified records and writes one sample per record: the record
 as JSON (`json` member) plus, for imSitu/SWiG, MNRE and M2E2 images, the normalized image (`jpg`, or `png` when the
 original is a PNG). Bad records are skipped and counted by reason in manifest.json (with the first examples of
-each); with --strict the first one stops the build with its file and line or key, and nothing is written. The
-shards appear only when complete, and rebuilding from the same input gives byte-identical shards.
+each); with --strict the first one stops the build with its file and line or key, and nothing is written. A JSON
+file that does not parse as a whole is an error even without --strict (its records cannot be read one by one).
+The shards appear only when complete, and rebuilding from the same input gives byte-identical shards, manifest
+included.
 
-`verify` re-hashes and re-indexes every shard and exits 1 naming each broken shard and member; `inspect` prints
-the manifest's counts.
+Images: --images DIR must hold the images the records refer to; an empty DIR, or one where none of them is found,
+is an error. M2E2 does not distribute its images: --no-images builds its text part (the sentences) and leaves out
+the image records and the cross-media links, which the build output and the manifest's `left_out` state. Sources
+whose every record needs its image (imsitu, swig, mnre) refuse --no-images.
+
+A build that yields no sample is an error (exit 2) that prints the skip reasons and writes nothing, so no set that
+looks complete but holds nothing is left behind (an existing set at --out is kept).
+
+`verify` re-hashes and re-indexes every shard and exits 1 naming each broken shard and member, or 2 for a set that
+holds no sample; `inspect` prints the manifest's counts.
 """
 
 from __future__ import annotations
@@ -23,14 +33,14 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmpl_ds.errors import UserError
-from rmpl_ds.log import get_logger
+
+if TYPE_CHECKING:
+    from rmpl_ds.sources import Conversion
 
 HELP = "build, verify or inspect WebDataset shard sets of unified records"
-
-logger = get_logger(__name__)
 
 # Keys are `<ordinal>-<record id made safe>`: the ordinal keeps keys unique and in input order (M2E2 sentence and
 # image ids can be the same string), the id makes a sample traceable. Member names must fit USTAR's 100 bytes.
@@ -47,14 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = actions.add_parser("build", help="convert a real dataset and write its shard set")
     build.add_argument("--source", required=True, choices=sorted(SOURCES), help="which dataset format to read")
     build.add_argument("--input", required=True, type=Path, help="the dataset file or directory")
-    build.add_argument("--images", type=Path, help="directory of the images the records refer to")
+    images = build.add_mutually_exclusive_group()
+    images.add_argument("--images", type=Path, help="directory of the images the records refer to")
+    images.add_argument(
+        "--no-images",
+        action="store_true",
+        help="build only the records that need no image (M2E2: the sentences); refused for imsitu, swig, mnre",
+    )
     build.add_argument("--out", required=True, type=Path, help="shard set directory to write (replaced when done)")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     build.add_argument(
         "--drop-negatives", action="store_true", help="leave out records without an M2E2 event / relation"
     )
-    verify = actions.add_parser("verify", help="re-hash and re-index a shard set; exit 1 naming what is broken")
+    verify = actions.add_parser(
+        "verify", help="re-hash and re-index a shard set; exit 1 naming what is broken, 2 for an empty set"
+    )
     verify.add_argument("directory", type=Path)
     inspect = actions.add_parser("inspect", help="print a shard set's counts from its manifest")
     inspect.add_argument("directory", type=Path)
@@ -67,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             args.input,
             out_dir=args.out,
             images_dir=args.images,
+            no_images=args.no_images,
             shard_size=args.shard_size,
             strict=args.strict,
             keep_negatives=not args.drop_negatives,
@@ -85,56 +104,139 @@ def build(
     *,
     out_dir: Path,
     images_dir: Path | None = None,
+    no_images: bool = False,
     shard_size: int = 1000,
     strict: bool = False,
     keep_negatives: bool = True,
 ) -> int:
-    """Convert ``input_path`` with the ``source`` converter and write the shard set ``out_dir``.
+    """Convert ``input_path`` with the ``source`` converter and write the shard set ``out_dir``; returns 0.
 
-    Returns 0, or 1 when no record survived (the manifest is still written, so its skip reasons say why).
+    ``no_images``: keep only the records that refer to no image (see the module docstring); the manifest's
+    ``left_out`` counts the others by kind.
 
     Raises:
-        UserError: a source that needs images without ``images_dir``, a missing input, the first bad record
-            under ``strict``, or an image that changed between the conversion's check and the write.
+        UserError: a source that needs images without ``images_dir`` (or ``no_images`` for one whose every record
+            needs one), an images directory that is missing, empty or holds none of the images, a missing input,
+            a JSON file that does not parse, the first bad record under ``strict``, a conversion that yields no
+            record (nothing is written then), or an image that changed between the conversion's check and the
+            write.
     """
     from rmpl_ds.shards import write_shards
-    from rmpl_ds.sources import IMAGE_SOURCES, SOURCES
+    from rmpl_ds.sources import ALL_RECORDS_NEED_IMAGES, IMAGE_SOURCES, SOURCES
 
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    if source in IMAGE_SOURCES:
-        if images_dir is None:
-            raise UserError(f"--images DIR is required for --source {source}: its records refer to image files")
-        if not images_dir.is_dir():
-            raise UserError(f"--images {images_dir}: not a directory")
+    _check_images_option(source, images_dir, no_images, IMAGE_SOURCES, ALL_RECORDS_NEED_IMAGES)
     conversion = SOURCES[source](input_path, images_dir=images_dir, strict=strict, keep_negatives=keep_negatives)
+    if images_dir is not None:
+        _check_images_found(conversion, images_dir)
+    records, counts, left_out = conversion.records, conversion.counts, {}
+    if no_images:
+        records, counts, left_out = _without_images(conversion)
+    skipped = skip_summary(conversion.skipped)
+    reasons = ", ".join(f"{reason}: {entry['count']}" for reason, entry in skipped["by_reason"].items())
+    if not records:
+        raise UserError(_nothing_to_write(input_path, out_dir, skipped, reasons, left_out))
     extra_manifest = {
         "detected_format": conversion.format,
         "input": input_path.name,
         "converter": SOURCES[source].__module__ + "." + SOURCES[source].__name__,
-        "counts": conversion.counts,
-        "skipped": skip_summary(conversion.skipped),
+        "counts": counts,
+        "skipped": skipped,
     }
-    samples = _samples(conversion.records, images_dir if source in IMAGE_SOURCES else None)
+    if left_out:
+        extra_manifest["left_out"] = left_out
+    samples = _samples(records, images_dir if source in IMAGE_SOURCES else None)
     manifest = write_shards(samples, out_dir, source=source, shard_size=shard_size, extra_manifest=extra_manifest)
-    skipped = manifest["skipped"]
-    reasons = ", ".join(f"{reason}: {entry['count']}" for reason, entry in skipped["by_reason"].items())
     print(
         f"{out_dir}: {manifest['samples']} samples in {len(manifest['shards'])} shards "
         f"(format {conversion.format}); skipped {skipped['total']}" + (f" ({reasons})" if reasons else "")
     )
-    if manifest["samples"] == 0:
-        logger.error("no record of %s could be converted; see 'skipped' in %s/manifest.json", input_path, out_dir)
-        return 1
+    if left_out:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in left_out["records"].items())
+        print(f"{out_dir}: left out ({left_out['because']}): {kinds or 'nothing'}")
     return 0
 
 
+def _check_images_option(
+    source: str, images_dir: Path | None, no_images: bool, image_sources: frozenset[str], need_images: frozenset[str]
+) -> None:
+    """UserError for an ``--images`` / ``--no-images`` choice that cannot give a useful set."""
+    if no_images:
+        if images_dir is not None:
+            raise UserError("--images and --no-images: give one of them")
+        if source in need_images:
+            raise UserError(
+                f"--no-images: every {source} record needs its image, so there is no text part to build; "
+                "give --images DIR"
+            )
+        return
+    if source not in image_sources:
+        return
+    if images_dir is None:
+        hint = "" if source in need_images else " (or --no-images for the records that need none)"
+        raise UserError(f"--images DIR is required for --source {source}: its records refer to image files{hint}")
+    if not images_dir.is_dir():
+        raise UserError(f"--images {images_dir}: not a directory")
+    if not any(images_dir.iterdir()):
+        raise UserError(f"--images {images_dir}: empty directory; expected the images the {source} records refer to")
+
+
+def _check_images_found(conversion: Conversion, images_dir: Path) -> None:
+    """UserError when records refer to images and not one of them is in ``images_dir`` (a wrong directory)."""
+    from rmpl_ds.sources.base import IMAGE_NOT_FOUND
+
+    missing = [skip for skip in conversion.skipped if skip.reason == IMAGE_NOT_FOUND]
+    if missing and not any(getattr(record, "image", None) for record in conversion.records):
+        raise UserError(
+            f"--images {images_dir}: none of the {len(missing)} images the records refer to is there "
+            f"(first: {missing[0]}); is it the right directory?"
+        )
+
+
+def _without_images(conversion: Conversion) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """``--no-images``: (the records that refer to no image, their counts, what was left out by record kind).
+
+    The converter's own counts (M2E2's gold counts, the coreference inconsistencies) describe the files read and
+    are kept; the record counts are recomputed over what is written.
+    """
+    from rmpl_ds.records import CrossMediaLink, ImageRecord, RelationPair
+    from rmpl_ds.sources.base import count_records
+
+    needs_image = (ImageRecord, RelationPair, CrossMediaLink)
+    kept = [record for record in conversion.records if not isinstance(record, needs_image)]
+    left = Counter(record.kind for record in conversion.records if isinstance(record, needs_image))
+    record_counts = count_records(conversion.records)
+    counts = {key: value for key, value in conversion.counts.items() if key not in record_counts}
+    counts.update(count_records(kept))
+    return kept, counts, {"because": "--no-images", "records": dict(sorted(left.items()))}
+
+
+def _nothing_to_write(
+    input_path: Path, out_dir: Path, skipped: dict[str, Any], reasons: str, left_out: dict[str, Any]
+) -> str:
+    """The error for a build that yields no record: why, with the first examples (the manifest is not written)."""
+    lines = [f"{input_path}: no record to write, so {out_dir} was not written (an existing set there is kept)"]
+    if skipped["total"]:
+        lines.append(f"  skipped {skipped['total']} ({reasons}); the first of each reason:")
+        lines += [f"    {entry['examples'][0]}" for entry in skipped["by_reason"].values()]
+    if left_out:
+        lines.append(f"  left out ({left_out['because']}): {left_out['records']}")
+    return "\n".join(lines)
+
+
 def verify(directory: Path) -> int:
-    """Print every problem :func:`rmpl_ds.shards.verify_shards` finds; 0 when there is none, else 1."""
-    from rmpl_ds.shards import verify_shards
+    """Print every problem :func:`rmpl_ds.shards.verify_shards` finds; 0 when there is none, else 1.
+
+    Raises:
+        UserError: the set is intact but holds no sample (nothing for a stage to read, and no build writes one).
+    """
+    from rmpl_ds.shards import read_manifest, verify_shards
 
     problems = verify_shards(directory)
     if not problems:
+        if read_manifest(directory)["samples"] == 0:
+            raise UserError(f"{directory}: the shard set holds no sample; rebuild it (`rmpl-ds shards build`)")
         print(f"{directory}: ok")
         return 0
     print(f"{directory}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")

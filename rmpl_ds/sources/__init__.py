@@ -20,10 +20,14 @@ SOURCES: dict[str, Converter] = {
     "m2e2": m2e2.convert,
 }
 
-# Sources whose records refer to image files (``shards build`` needs ``--images`` for them).
+# Sources whose records refer to image files (``shards build`` needs ``--images`` for them, or ``--no-images``).
 IMAGE_SOURCES: frozenset[str] = frozenset({"imsitu", "swig", "mnre", "m2e2"})
+# Sources whose every record refers to an image (an imSitu/SWiG situation is an image; an MNRE pair is an image-text
+# pair): ``--no-images`` would leave nothing, so it is refused. M2E2's sentences need no image: it has a text part.
+ALL_RECORDS_NEED_IMAGES: frozenset[str] = frozenset({"imsitu", "swig", "mnre"})
 
 __all__ = [
+    "ALL_RECORDS_NEED_IMAGES",
     "IMAGE_SOURCES",
     "SOURCES",
     "Conversion",
