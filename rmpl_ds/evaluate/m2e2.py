@@ -70,8 +70,13 @@ Text-only (gold: text_only_event.json)
   surrounding whitespace and punctuation stripped); when several gold arguments there have that text, it
   stands for one that no other prediction names, if any. So the same argument as span and as text counts
   once, and a text that equals no gold argument is one wrong unit.
-  ignored: lines whose sentence is not in text_only_event.json, and lines whose (sentence_id, event_type)
-  is a gold multimedia text event and not a gold text-only one; their arguments go with them.
+  ignored: lines whose sentence is not in text_only_event.json, and lines that stand for a gold multimedia
+  text event rather than a text-only one; their arguments go with them. A line with a trigger stands for
+  the gold event of that (sentence_id, trigger start, end, event_type) if either text file has one, and is
+  ignored when only text_multimedia_event.json has it. Otherwise (no trigger, or one of no gold event) the
+  line is ignored when its (sentence_id, event_type) is a gold multimedia text event and not a gold
+  text-only one. So a sentence holding a text-only and a multimedia event of the same type (three in the
+  release) keeps them apart by trigger, and a line for it without a trigger counts in text-only.
 
 Image-only (gold: image_only_event.json)
   event mention: (image_id, event_type); argument: (image_id, event_type, role, box). Within each
@@ -258,7 +263,8 @@ class M2E2Scores:
         union_event_mention / union_argument_role: ``text`` / ``image`` -> score over both files of a modality.
         trigger: ``text_only`` / ``union_text`` -> the event-mention score with trigger offsets in the unit.
         gold_counts: :func:`gold_counts` of the gold.
-        prediction_counts: lines read per kind, lines skipped, predicted event units ignored per setting.
+        prediction_counts: lines read per kind, lines skipped, and per setting the distinct predicted events
+            ignored (text: sentence, type and trigger; image: image and type).
     """
 
     event_mention: Mapping[str, Score]
@@ -571,21 +577,23 @@ def _score_text_setting(
     gold_events: set[Unit],
     gold_triggers: set[Unit],
     gold_arguments: TextArgumentGold,
-    keep: Callable[[Unit], bool],
+    keep: Callable[[Unit, Unit], bool],
 ) -> _TextSettingScores:
+    """``keep(event unit, trigger unit)`` says whether a line counts in this setting."""
     events: set[Unit] = set()
     triggers: set[Unit] = set()
     ignored: set[Unit] = set()
     arguments = _PredictedTextArguments()
     for prediction in predictions:
         unit = (prediction.event_type, prediction.sentence_id)
-        if not keep(unit):
-            ignored.add(unit)
-            continue
-        events.add(unit)
         # None offsets never equal gold ints: a line without a trigger is a unit that cannot match.
         start, end = prediction.trigger if prediction.trigger is not None else (None, None)
-        triggers.add((*unit, start, end))
+        trigger_unit = (*unit, start, end)
+        if not keep(unit, trigger_unit):
+            ignored.add(trigger_unit)
+            continue
+        events.add(unit)
+        triggers.add(trigger_unit)
         arguments.add(prediction.event_type, prediction.sentence_id, prediction.arguments)
     argument_tally = _Tally()
     _tally_text_arguments(argument_tally, gold_arguments, arguments)
@@ -656,7 +664,14 @@ def score_m2e2(gold: M2E2Gold, predictions: Predictions, *, iou_threshold: float
     multimedia_text_events = index.text_events[MULTIMEDIA]
     image_only_events = index.image_events[IMAGE_ONLY]
 
-    def keep_text_only(unit: Unit) -> bool:
+    def keep_text_only(unit: Unit, trigger_unit: Unit) -> bool:
+        # The trigger tells which gold event a line stands for: (sentence, type) alone cannot, because a sentence
+        # can hold a text-only and a multimedia event of the same type, and the multimedia one's trigger and
+        # arguments would then count as wrong text-only predictions (a gold-equal prediction scored below 100).
+        if trigger_unit in index.triggers[TEXT_ONLY]:
+            return True
+        if trigger_unit in index.triggers[MULTIMEDIA]:
+            return False
         if unit in text_only_events:
             return True
         return unit[1] in index.text_only_sentences and unit not in multimedia_text_events
@@ -676,7 +691,7 @@ def score_m2e2(gold: M2E2Gold, predictions: Predictions, *, iou_threshold: float
         text_only_events | multimedia_text_events,
         index.triggers[TEXT_ONLY] | index.triggers[MULTIMEDIA],
         index.text_arguments["all"],
-        lambda unit: unit[1] in index.all_sentences,
+        lambda unit, _: unit[1] in index.all_sentences,
     )
     image_only_em, image_only_ar, image_only_ignored = _score_image_setting(
         predictions.image, image_only_events, index.boxes[IMAGE_ONLY], keep_image_only, iou_threshold
