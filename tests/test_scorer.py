@@ -419,6 +419,30 @@ def test_iou_is_continuous_and_exact() -> None:
     assert box_iou((5, 5, 5, 9), (5, 5, 5, 9)) == 0.0  # a degenerate box has no area
 
 
+def test_the_default_iou_threshold_is_0_5_inclusive() -> None:
+    # The other box tests pass the threshold explicitly or use boxes far above it: with the default moved to 0.4,
+    # or ">=" turned into ">", they all still passed (issue 15). Three images, one gold Target (0, 0, 1, 1) each.
+    just_below = math.nextafter(2.0, 3.0)  # IoU 1 / 2.0000000000000004, a hair below 0.5
+    widths = {"d_0": 2.0, "d_1": just_below, "d_2": 2.2}  # IoU exactly 0.5, just below it, 0.4545
+    ious = [box_iou((0, 0, width, 1), (0, 0, 1, 1)) for width in widths.values()]
+    assert ious[0] == 0.5 > ious[1] > ious[2] > 0.4
+    gold = M2E2Gold(
+        sentences=(),
+        images=tuple(image(image_id, ATTACK, {"Target": [(0, 0, 1, 1)]}, "image_only") for image_id in widths),
+        coref=(),
+    )
+    predictions = Predictions(
+        image=tuple(
+            ImageEventPrediction(image_id, ATTACK, (box("Target", 0, 0, width, 1),))
+            for image_id, width in widths.items()
+        )
+    )
+    scores = score_m2e2(gold, predictions)  # the default threshold
+    assert counts(scores.argument_role["image_only"]) == (1, 3, 3)
+    assert scores.to_json()["iou_threshold"] == 0.5
+    assert [match_boxes([(0, 0, width, 1)], [(0, 0, 1, 1)]) for width in widths.values()] == [1, 0, 0]
+
+
 def test_iou_exactly_at_the_threshold_matches() -> None:
     assert match_boxes([(0, 0, 2, 1)], [(0, 0, 1, 1)], 0.5) == 1
     assert match_boxes([(0, 0, 2, 1)], [(0, 0, 1, 1)], math.nextafter(0.5, 1.0)) == 0
