@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from rmpl_ds.backbones.base import IGNORE_INDEX
+from rmpl_ds.constants import IGNORE_INDEX
 
 # Per-token sequences and what pads them (input_ids pads with the tokenizer's pad id).
 SEQUENCE_PAD_VALUES: dict[str, int] = {"attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}

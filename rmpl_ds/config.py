@@ -51,7 +51,13 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The backbone: a registered family, a local HF directory, and how it is trained."""
+    """The backbone: a registered family, a local HF directory, and how it is trained.
+
+    ``loss``: ``target_only`` (the default) projects only the target positions through the LM head;
+    ``full_logits`` computes logits for every position (the reference; same losses and gradients, see
+    rmpl_ds.loss). ``max_target_tokens`` bounds the labelled tokens of one example (a longer target loses its
+    tail, counted and logged like a ``max_seq_len`` truncation), so the planner's logits term is a bound, not a guess.
+    """
 
     family: Family
     path: str
@@ -62,6 +68,8 @@ class ModelConfig:
     image_size: int = 512
     max_image_tokens: int | None = None
     max_seq_len: int = 2048
+    max_target_tokens: int = 256
+    loss: Literal["target_only", "full_logits"] = "target_only"
     gradient_checkpointing: bool = True
     dtype: Literal["bf16", "fp32"] = "bf16"
 
@@ -348,6 +356,13 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
         add("model.lora.dropout", f"must be in [0, 1), got {model.lora.dropout}")
     _positive(problems, "model.image_size", model.image_size)
     _positive(problems, "model.max_seq_len", model.max_seq_len)
+    _positive(problems, "model.max_target_tokens", model.max_target_tokens)
+    if model.max_target_tokens >= model.max_seq_len > 0:
+        add(
+            "model.max_target_tokens",
+            f"must be < max_seq_len ({model.max_seq_len}): the prompt needs room too, got {model.max_target_tokens}",
+            depends=("model.max_seq_len",),
+        )
     if model.max_image_tokens is not None:
         _positive(problems, "model.max_image_tokens", model.max_image_tokens)
     if model.mode == "qlora" and model.dtype != "bf16":

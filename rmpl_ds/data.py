@@ -46,6 +46,7 @@ class Renderer:
     loss_weights: tuple[float, ...]  # per stream index
     stream_index: dict[str, int]
     max_seq_len: int
+    max_target_tokens: int | None = None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         index = self.stream_index[item["stream"]]
@@ -59,7 +60,9 @@ class Renderer:
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
         example = tasks.render(record, task, image=image, event_type=event_type)
-        encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len)
+        encoded = self.bundle.encode(
+            example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens
+        )
         encoded["stream_index"] = index
         encoded["loss_weight"] = self.loss_weights[index]
         return encoded
@@ -128,6 +131,7 @@ class StageData:
             loss_weights=tuple(s.loss_weight for s in stage.mixture),
             stream_index={name: i for i, name in enumerate(names)},
             max_seq_len=recipe.model.max_seq_len,
+            max_target_tokens=recipe.model.max_target_tokens,
         )
         return cls(recipe, stage, stream, shards, renderer, StageCollator(bundle.collator()))
 

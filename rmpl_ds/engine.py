@@ -1,5 +1,5 @@
-"""The DeepSpeed side of a stage: runtime setup, optimizer and schedule, the per-stream loss, non-finite losses,
-signals, RNG state, and the test-only fault injection.
+"""The DeepSpeed side of a stage: runtime setup, optimizer and schedule, non-finite losses, signals, RNG state,
+and the test-only fault injection (the loss itself is in rmpl_ds.loss).
 
 ``train.py`` reads top to bottom and calls into this module; nothing here knows which stage it runs.
 """
@@ -21,16 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812  (the conventional name)
 
 from rmpl_ds import dist
 from rmpl_ds.config import StageConfig
 from rmpl_ds.errors import UserError
 from rmpl_ds.log import get_logger
+from rmpl_ds.loss import LossParts
 
 log = get_logger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------------ runtime
@@ -156,39 +154,6 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> tuple[torch.o
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, stage))
     return optimizer, scheduler
-
-
-# ------------------------------------------------------------------------------------------------- loss
-
-
-@dataclass
-class LossParts:
-    """A micro-batch's loss and what the logs need: per-sample losses and target-token counts."""
-
-    loss: torch.Tensor  # scalar, what backward sees
-    sample_losses: torch.Tensor  # (B,) token-mean loss of each sample, fp32, detached
-    target_tokens: torch.Tensor  # (B,) number of target tokens of each sample
-
-
-def stream_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor) -> LossParts:
-    """Per-sample token-mean cross entropy on the target tokens, weighted per sample by its stream's loss weight.
-
-    The micro-batch loss is ``sum_i w_i * L_i / B``: with the sampler's exact ratios this is the paper's
-    α:β:λ mixture of the per-task losses (and ``L_EM + L_AR`` in Stage II), whatever the sequence lengths.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    per_sample = token_loss.sum(dim=1) / counts.clamp(min=1)
-    weights = loss_weights.to(per_sample.device, per_sample.dtype)
-    loss = (per_sample * weights).sum() / per_sample.numel()
-    return LossParts(loss=loss, sample_losses=per_sample.detach(), target_tokens=counts.detach())
 
 
 # ------------------------------------------------------------------------------------------ non-finite losses

@@ -50,17 +50,24 @@ Activations with gradient checkpointing (per decoder layer, HF's default), bytes
                        norm buffers) elements of e bytes, plus, when lora_dropout > 0, the dropped-out input PEFT keeps
                        for every adapted linear (the sum of their in_features per layer, ``6h + I`` for all seven).
                        Without checkpointing all L layers keep this set (it includes the boundary).
-    logits             V x 10 B: the LM head runs on every position (bf16 [T, V], 2 B), HF's ``ForCausalLMLoss``
-                       upcasts to fp32 (4 B) and cross-entropy keeps an fp32 log-softmax for backward (4 B); the
-                       backward's fp32 gradient takes the upcast's place. V = 152,064 makes it 1.45 MiB per token,
-                       the largest activation term. A fused linear + cross-entropy (Liger) computes the logits in
-                       chunks of ``next_pow2(ceil(T / ceil(V / h)))`` tokens (fp32 logits + gradient, 8 B x V each)
-                       plus an fp32 [T, h] input gradient.
-    vision tower       frozen: it keeps nothing for backward; its forward transient is counted (conservatively, it
-                       precedes the LLM's peak): one attention score matrix ``heads x S^2 x e`` for the longest
-                       sequence S (eager/SDPA-math; FlashAttention-2 avoids it) plus the tower's input and output
-                       hidden states for every image. Trained: the same checkpointing rule as the LLM with a ViT
-                       layer of ``8w + 2m`` elements per patch (MHA q/k/v/out + norms, fc1 + activation).
+    logits             V x 10 B per projected position: bf16 logits (2 B), their fp32 upcast (4 B) and the fp32
+                       log-softmax cross-entropy keeps for backward (4 B); the backward's fp32 gradient takes the
+                       upcast's place. V = 152,064 makes it 1.45 MiB per position, the largest activation term when
+                       every position is projected. ``loss`` says which positions are:
+                       ``target_only`` (the package's default, rmpl_ds.loss) projects the target positions only, at
+                       most ``target_tokens`` (the recipe's ``model.max_target_tokens``, enforced when encoding) per
+                       sample: min(seq_len, target_tokens) x micro_batch positions.
+                       ``full_logits`` (HF's forward) projects all T positions.
+                       ``fused`` models a fused linear + cross-entropy (Liger), which computes the logits in chunks of
+                       ``next_pow2(ceil(T / ceil(V / h)))`` tokens (fp32 logits + gradient, 8 B x V each) plus an
+                       fp32 [T, h] input gradient.
+    vision tower       frozen: it keeps nothing for backward (no input-gradient hook reaches it, so autograd
+                       records no graph there; rmpl_ds.backbones.base); its forward transient is counted
+                       (conservatively, it precedes the LLM's peak): one attention score matrix ``heads x S^2 x e``
+                       for the longest sequence S (eager/SDPA-math; FlashAttention-2 avoids it) plus the tower's
+                       input and output hidden states for every image. Trained: the same checkpointing rule as the
+                       LLM with a ViT layer of ``8w + 2m`` elements per patch (MHA q/k/v/out + norms, fc1 +
+                       activation).
     qlora dequant      the largest quantized matrix dequantized to bf16 just in time.
     These are estimates, good to about +-30 % (§3.2); LoRA's r-wide intermediates are negligible.
 
@@ -119,7 +126,9 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
 
 Mode = Literal["lora", "qlora", "full"]
 MODES: tuple[str, ...] = ("lora", "qlora", "full")
-LOSSES: tuple[str, ...] = ("standard", "fused")
+LOSSES: tuple[str, ...] = ("target_only", "full_logits", "fused")
+# The recipe's default model.max_target_tokens (rmpl_ds.config.ModelConfig).
+DEFAULT_TARGET_TOKENS = 256
 SUPPORTED_ZERO_STAGES = (1, 2)
 
 # Backbone name -> full-size config shipped in rmpl_ds/model_configs (see shared/model_configs/README.md).
@@ -150,7 +159,9 @@ class PlanSettings:
     ``.json`` file, or an already-loaded config mapping. ``lora_targets`` None means :data:`DEFAULT_LORA_TARGETS`.
     ``image_tokens`` None derives them from ``image_size`` with the family's processor rules (324 for Qwen2-VL at
     512 px, 256 for the others). ``reduce_bucket_size``/``overlap_comm``/``contiguous_gradients`` are the DeepSpeed
-    ``zero_optimization`` keys. ``loss`` "fused" models a fused linear + cross-entropy (Liger).
+    ``zero_optimization`` keys. ``loss`` is the recipe's ``model.loss`` (``target_only`` projects at most
+    ``target_tokens`` positions per sample through the LM head, ``full_logits`` all of them) or ``fused``, a fused
+    linear + cross-entropy (Liger).
     ``quantize_vision_tower`` (QLoRA only) follows transformers' default, which quantizes every frozen Linear but
     lm_head.
     """
@@ -173,7 +184,8 @@ class PlanSettings:
     train_vision_tower: bool = False
     train_projector: bool = False
     dtype: Literal["bf16", "fp32"] = "bf16"
-    loss: Literal["standard", "fused"] = "standard"
+    loss: Literal["target_only", "full_logits", "fused"] = "target_only"
+    target_tokens: int = DEFAULT_TARGET_TOKENS
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET_SIZE
     overlap_comm: bool = DEFAULT_OVERLAP_COMM
     contiguous_gradients: bool = True
@@ -183,7 +195,15 @@ class PlanSettings:
 def settings_problems(settings: PlanSettings) -> list[str]:
     """Every problem with ``settings`` as ``field: message`` (empty when they are usable)."""
     problems = []
-    for name in ("gpus", "seq_len", "micro_batch", "image_size", "images_per_sample", "reduce_bucket_size"):
+    for name in (
+        "gpus",
+        "seq_len",
+        "micro_batch",
+        "image_size",
+        "images_per_sample",
+        "reduce_bucket_size",
+        "target_tokens",
+    ):
         if not getattr(settings, name) >= 1:
             problems.append(f"{name}: must be >= 1, got {getattr(settings, name)}")
     if not settings.gpu_mem_gib > 0:
@@ -534,7 +554,8 @@ class MemoryPlan:
             f"{self.backbone} ({self.architecture}): {mode}, {s.gpus} GPU(s) x {s.gpu_mem_gib:g} GiB, "
             f"ZeRO-{s.zero_stage}, {s.dtype}{offload}",
             f"  {s.seq_len} tokens x micro batch {s.micro_batch} ({self.image_tokens} image tokens per image), "
-            f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.loss} loss",
+            f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, loss {s.loss}"
+            + (f" (<= {s.target_tokens} target tokens per sample)" if s.loss == "target_only" else ""),
             f"  parameters: {_millions(p.total)} total ({_millions(p.language)} language, {_millions(p.vision)} "
             f"vision); trainable {_millions(p.trainable)}"
             + (f" (LoRA {_millions(p.lora)})" if p.lora else "")
@@ -741,10 +762,18 @@ def _breakdown(
             f"{tokens} tok x {text.layers} layers x {per_layer / 2**20:.3f} MiB (no checkpointing)",
         )
 
-    if settings.loss == "standard":
+    if settings.loss == "full_logits":
         lines["logits"] = (
             tokens * text.vocab * LOGITS_BYTES_PER_VOCAB_ENTRY,
-            f"{tokens} tok x {text.vocab} vocab x {LOGITS_BYTES_PER_VOCAB_ENTRY} B (bf16 + fp32 + fp32 log-softmax)",
+            f"every position: {tokens} tok x {text.vocab} vocab x {LOGITS_BYTES_PER_VOCAB_ENTRY} B "
+            "(bf16 + fp32 + fp32 log-softmax)",
+        )
+    elif settings.loss == "target_only":
+        projected = min(settings.seq_len, settings.target_tokens) * micro_batch
+        lines["logits"] = (
+            projected * text.vocab * LOGITS_BYTES_PER_VOCAB_ENTRY,
+            f"target positions only: {projected} (<= {settings.target_tokens} per sample) x {text.vocab} vocab x "
+            f"{LOGITS_BYTES_PER_VOCAB_ENTRY} B",
         )
     else:
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(text.vocab / text.hidden)))))
@@ -825,11 +854,16 @@ def _max_micro_batch(settings: PlanSettings, arch: _Architecture, image_tokens: 
 def _notes(plan: MemoryPlan, arch: _Architecture) -> list[str]:
     s = plan.settings
     notes = []
-    if s.loss == "standard" and plan.breakdown["logits"] > 0.5:
-        fused = _total_gib(dataclasses.replace(s, loss="fused"), arch, plan.image_tokens)
+    if s.loss == "full_logits" and plan.breakdown["logits"] > 0.5:
+        lean = _total_gib(dataclasses.replace(s, loss="target_only"), arch, plan.image_tokens)
         notes.append(
-            f"the logits term is {plan.breakdown['logits']:.2f} GiB; a fused linear + cross-entropy (Liger) would "
-            f"make the total {fused:.2f} GiB ({'fits' if fused <= s.gpu_mem_gib else 'still does not fit'})"
+            f"the logits term is {plan.breakdown['logits']:.2f} GiB; model.loss: target_only (the default) makes the "
+            f"total {lean:.2f} GiB ({'fits' if lean <= s.gpu_mem_gib else 'still does not fit'})"
+        )
+    if s.loss == "target_only":
+        notes.append(
+            f"the LM head projects at most {s.target_tokens} target positions per sample (model.max_target_tokens; "
+            "a longer target is truncated, counted and logged)"
         )
     e = 2 if s.dtype == "bf16" else 4
     reduce_buffers = (2 if s.overlap_comm else 1) * s.reduce_bucket_size * e / GIB
@@ -877,6 +911,35 @@ def _total_gib(settings: PlanSettings, arch: _Architecture, image_tokens: int) -
     return sum(value for value, _ in lines.values()) / GIB
 
 
+def compare_losses(plan: MemoryPlan) -> dict[str, dict[str, Any]]:
+    """``plan``'s total under each loss path (:data:`LOSSES`): per-GPU GiB, the logits term, fit and margin, and the
+    largest micro-batch that fits; the same settings otherwise (``rmpl-ds plan --compare-losses``)."""
+    rows = {}
+    for loss in LOSSES:
+        other = plan if loss == plan.settings.loss else plan_memory(dataclasses.replace(plan.settings, loss=loss))
+        rows[loss] = {
+            "per_gpu_gib": round(other.per_gpu_gib, 4),
+            "logits_gib": round(other.breakdown["logits"], 4),
+            "fits": other.fits,
+            "margin_gib": round(other.margin_gib, 4),
+            "max_micro_batch": other.max_micro_batch,
+        }
+    return rows
+
+
+def format_comparison(rows: dict[str, dict[str, Any]], current: str) -> str:
+    """The :func:`compare_losses` rows as a small table (the plan's own loss path marked)."""
+    lines = [f"  {'loss path':<14} {'logits GiB':>10} {'total GiB':>10} {'margin':>8}  verdict, largest micro batch"]
+    for loss, row in rows.items():
+        verdict = "fits" if row["fits"] else "DOES NOT FIT"
+        mark = "  <- this plan" if loss == current else ""
+        lines.append(
+            f"  {loss:<14} {row['logits_gib']:10.2f} {row['per_gpu_gib']:10.2f} {row['margin_gib']:8.2f}  "
+            f"{verdict}, {row['max_micro_batch']}{mark}"
+        )
+    return "\n".join(lines)
+
+
 def _millions(count: int) -> str:
     return f"{count / 1e6:,.1f} M"
 
@@ -890,11 +953,13 @@ def plan_recipe(
     *,
     gpu_mem_gib: float = 24.0,
     stage: str | None = None,
-    loss: Literal["standard", "fused"] = "standard",
+    loss: Literal["target_only", "full_logits", "fused"] | None = None,
 ) -> MemoryPlan:
     """Plan a recipe's most demanding stage (largest micro_batch at the model's max_seq_len) or the named one.
 
-    ``loss`` is not a recipe key (the training code decides whether the loss is fused); it defaults to HF's.
+    ``loss`` overrides the recipe's ``model.loss`` (e.g. ``full_logits`` to see what the reference path costs, or
+    ``fused`` for a Liger-style loss the package does not ship); the logits term follows
+    ``model.max_target_tokens`` for ``target_only``.
 
     The backbone is ``model.path``'s config.json. When that directory does not exist and is named after the family's
     released checkpoint (``models/Qwen2-VL-7B-Instruct`` in the paper recipes), the shipped full-size config stands
@@ -936,7 +1001,8 @@ def plan_recipe(
         # DeepSpeed turns overlap_comm on by default only for ZeRO-3 (zero/config.py, overlap_comm_valid).
         overlap_comm=bool(zero.get("overlap_comm", False)),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
-        loss=loss,
+        loss=loss or model.loss,
+        target_tokens=model.max_target_tokens,
     )
     plan = plan_memory(settings)
     stage_note = f"recipe {recipe.name}, stage {chosen.name} (micro batch {chosen.micro_batch})"

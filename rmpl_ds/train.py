@@ -44,6 +44,7 @@ from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_re
 from rmpl_ds.ds_config import fill, load_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.log import get_logger, setup_logging
+from rmpl_ds.loss import LossPath, forward_loss
 
 log = get_logger("rmpl_ds.train")
 
@@ -208,7 +209,13 @@ def run(args: argparse.Namespace) -> int:
         while step < stage.steps:
             lr = ds_engine.get_lr()[0]  # the lr this step applies (the schedule advances inside engine.step)
             metrics = train_step(
-                ds_engine, batches, plan.accumulation, device, stream_names, inject_nan=faults.nan_at(step + 1)
+                ds_engine,
+                batches,
+                plan.accumulation,
+                device,
+                stream_names,
+                loss_path=recipe.model.loss,
+                inject_nan=faults.nan_at(step + 1),
             )
             step += 1
             health = health.after(step, skipped=metrics["skipped"])
@@ -348,13 +355,15 @@ def train_step(
     device: torch.device,
     stream_names: Sequence[str],
     *,
+    loss_path: LossPath = "target_only",
     inject_nan: bool = False,
 ) -> dict[str, Any]:
     """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
 
     A non-finite micro-batch loss on any rank makes every rank skip the whole optimizer step (see
     rmpl_ds.engine, "non-finite losses"); its micro-batches are still drawn, so the data stay where an
-    uninterrupted run has them. ``inject_nan`` replaces this rank's losses by NaN (fault injection in tests).
+    uninterrupted run has them. ``loss_path`` is the recipe's ``model.loss`` (rmpl_ds.loss). ``inject_nan`` replaces
+    this rank's losses by NaN (fault injection in tests).
 
     Returns the step's metrics, reduced over ranks: total loss (the mean of the per-sample weighted losses),
     loss per stream, throughput, the real-token fraction, and ``skipped``.
@@ -367,8 +376,7 @@ def train_step(
     for _ in range(accumulation):
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
-        outputs = ds_engine(**inputs, use_cache=False)
-        parts = engine.stream_loss(outputs.logits, batch["labels"], batch["loss_weight"])
+        parts = forward_loss(ds_engine, inputs, batch["labels"], batch["loss_weight"], path=loss_path)
         if inject_nan:
             parts = engine.Faults.nan_loss(parts)
         # One flag per micro-batch, agreed by all ranks before any of them back-propagates.

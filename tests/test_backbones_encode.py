@@ -152,6 +152,29 @@ def test_truncation_drops_target_tail_and_says_so(bundle: ProcessorBundle, caplo
     assert full["input_ids"][: prompt_length + 3].tolist() == cut["input_ids"].tolist()
 
 
+def test_max_target_tokens_caps_the_labelled_tokens_and_says_so(
+    bundle: ProcessorBundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound the planner's logits term relies on: no example carries more than max_target_tokens labels."""
+    example = _example()
+    full = bundle.encode(example, max_seq_len=1024)
+    n_target = full["n_target_tokens"]
+    assert n_target > 4
+    assert bundle.encode(example, max_seq_len=1024, max_target_tokens=n_target)["input_ids"].tolist() == (
+        full["input_ids"].tolist()
+    )
+    with caplog.at_level(logging.WARNING, logger="rmpl_ds"):
+        cut = bundle.encode(example, max_seq_len=1024, max_target_tokens=4)
+    assert cut["truncated"] and cut["n_target_tokens"] == 4 and cut["n_target_tokens_dropped"] == n_target - 4
+    assert int((cut["labels"] != IGNORE_INDEX).sum()) == 4
+    assert cut["input_ids"].tolist() == full["input_ids"][: cut["length"]].tolist()
+    assert "max_target_tokens=4" in caplog.text and "example-1" in caplog.text
+    # the tighter of the two limits wins
+    prompt_length = len(bundle.encode(example, max_seq_len=1024, with_target=False)["input_ids"])
+    both = bundle.encode(example, max_seq_len=prompt_length + 2, max_target_tokens=4)
+    assert both["n_target_tokens"] == 2
+
+
 def test_a_prompt_that_does_not_fit_is_an_error(bundle: ProcessorBundle) -> None:
     example = _example()
     prompt_length = len(bundle.encode(example, max_seq_len=1024, with_target=False)["input_ids"])

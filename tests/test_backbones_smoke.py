@@ -23,8 +23,18 @@ def test_smoke_examples_cover_every_task_with_images() -> None:
 def test_smoke_json(backbone: str, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["smoke", "--backbone", backbone, "--mode", mode, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"loss", "trainable_params", "total_params", "label_fraction"}
+    assert set(result) == {
+        "loss",
+        "loss_full_logits",
+        "max_grad_rel_diff",
+        "trainable_params",
+        "total_params",
+        "label_fraction",
+    }
     assert 5.0 < result["loss"] < 12.0
+    # the lean path (target-only LM head) is exact on this install: bf16 weights, so 1e-3 relative at most
+    assert result["loss_full_logits"] == pytest.approx(result["loss"], rel=1e-5)
+    assert 0.0 <= result["max_grad_rel_diff"] < 1e-3
     assert 0 < result["trainable_params"] < result["total_params"]
     assert 0.0 < result["label_fraction"] < 0.5
 
@@ -33,6 +43,7 @@ def test_smoke_text_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["smoke", "--backbone", "qwen2-vl"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("qwen2-vl lora: loss ") and "trainable" in out and "label tokens" in out
+    assert "full logits" in out and "largest relative gradient difference" in out
 
 
 def test_smoke_refuses_an_unknown_backbone(capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,10 +76,12 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 
 def notes_settings(backbone: str, seq_len: int, micro_batch: int, **changes: object) -> PlanSettings:
-    """The setup of the notes' §3.3: LoRA r=64 (dropout 0.05) on all LLM linears, 2 GPUs, HF auto buckets."""
+    """The setup of the notes' §3.3: LoRA r=64 (dropout 0.05) on all LLM linears, 2 GPUs, HF auto buckets, and
+    HF's loss (logits for every position)."""
     base = PlanSettings(
         backbone=backbone,
         mode="lora",
+        loss="full_logits",
         seq_len=seq_len,
         micro_batch=micro_batch,
         reduce_bucket_size=NOTES_BUCKETS[backbone],
@@ -271,7 +273,7 @@ def test_frozen_vision_tower_is_deepspeed_on_the_trainable_part_plus_bf16_weight
     gpu_mem=st.sampled_from([24.0, 48.0, 80.0]),
     seq_len=st.sampled_from([512, 1024, 2048, 4096]),
     rank=st.integers(1, 128),
-    loss=st.sampled_from(["standard", "fused"]),
+    loss=st.sampled_from(["target_only", "full_logits", "fused"]),
 )
 def test_max_micro_batch_is_the_fitting_boundary(
     backbone: str, mode: str, gpus: int, gpu_mem: float, seq_len: int, rank: int, loss: str
@@ -302,7 +304,8 @@ def test_memory_grows_with_every_knob() -> None:
     assert total(mode="qlora") < total() < total(mode="full")
     assert total(gradient_checkpointing=False) > total()
     assert total(train_vision_tower=True) > total()
-    assert total(loss="fused") < total()
+    assert total(loss="fused") < total() < total(loss="full_logits")
+    assert total(target_tokens=512) > total()
     assert total(lora_dropout=0.0) < total()
     assert total(reduce_bucket_size=500_000_000) > total()
 
@@ -344,16 +347,54 @@ def test_paper_recipe_plans_from_the_shipped_config_and_the_gate_refuses_it(monk
     recipe = load_recipe(PAPER_RECIPE)
     plan = plan_recipe(recipe)
     assert plan.backbone.startswith("qwen2-vl-7b (shipped config")
-    assert (plan.settings.seq_len, plan.settings.micro_batch, plan.settings.reduce_bucket_size) == (2048, 1, 5e7)
-    assert plan.fits and plan.max_micro_batch == 1
+    assert (plan.settings.seq_len, plan.settings.micro_batch, plan.settings.reduce_bucket_size) == (2048, 2, 5e7)
+    assert (plan.settings.loss, plan.settings.target_tokens) == ("target_only", 256)
+    assert plan.fits and plan.max_micro_batch == 3
     assert check_fits(recipe, 2) == plan
-    # 2048 tokens x micro batch 2 with the standard loss is the notes' "does not fit" row.
-    larger = load_recipe(PAPER_RECIPE, ["stages.stage1.micro_batch=2", "stages.stage2.micro_batch=2"])
-    assert not plan_recipe(larger).fits
+    # The same batch with logits for every position is the notes' "does not fit" row (27.1 GiB): the gate refuses.
+    reference = load_recipe(PAPER_RECIPE, ["model.loss=full_logits"])
+    assert plan_recipe(reference).per_gpu_gib == pytest.approx(27.14, abs=0.01)
+    assert plan_recipe(recipe, loss="full_logits") == plan_recipe(reference)
+    assert not plan_recipe(reference).fits
     with pytest.raises(UserError, match=r"(?s)predicts .* GiB per GPU.*--force.*total per GPU"):
-        check_fits(larger, 2)
-    assert check_fits(larger, 2, force=True) == plan_recipe(larger)
-    assert plan_recipe(larger, loss="fused").fits
+        check_fits(reference, 2)
+    assert check_fits(reference, 2, force=True) == plan_recipe(reference)
+    assert plan_recipe(reference, loss="fused").fits
+
+
+def test_the_target_only_logits_term_follows_the_target_bound() -> None:
+    """Logits + loss = projected positions x vocabulary x 10 B; target_only projects min(seq, bound) per sample."""
+    vocab = 152_064
+    for seq_len, micro_batch, bound in ((2048, 2, 256), (2048, 1, 100), (512, 3, 1024)):
+        lean = plan_memory(PlanSettings("qwen2-vl-7b", seq_len=seq_len, micro_batch=micro_batch, target_tokens=bound))
+        full = plan_memory(
+            PlanSettings("qwen2-vl-7b", seq_len=seq_len, micro_batch=micro_batch, loss="full_logits")
+        )
+        assert lean.breakdown["logits"] * GIB == min(seq_len, bound) * micro_batch * vocab * 10
+        assert full.breakdown["logits"] * GIB == seq_len * micro_batch * vocab * 10
+        others = [key for key in COMPONENTS if key not in ("logits", "allocator_reserve")]
+        assert [lean.breakdown[key] for key in others] == [full.breakdown[key] for key in others]
+    # The issue's figure: 4,096 tokens x 152,064 x 10 B = 5.80 GiB, down to 512 target positions = 0.73 GiB.
+    assert full.settings.loss == "full_logits"
+    paper_full = plan_memory(PlanSettings("qwen2-vl-7b", seq_len=2048, micro_batch=2, loss="full_logits"))
+    paper_lean = plan_memory(PlanSettings("qwen2-vl-7b", seq_len=2048, micro_batch=2))
+    assert round(paper_full.breakdown["logits"], 2) == 5.80 and round(paper_lean.breakdown["logits"], 2) == 0.73
+    assert paper_lean.fits and paper_lean.margin_gib >= 1.5 and not paper_full.fits
+
+
+def test_cli_compares_loss_paths(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "--recipe", str(PAPER_RECIPE), "--compare-losses", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["settings"]["seq_len"], result["settings"]["micro_batch"]) == (2048, 2)
+    assert result["fits"] and result["margin_gib"] >= 1.5
+    rows = result["by_loss"]
+    assert list(rows) == ["target_only", "full_logits", "fused"]
+    assert rows["target_only"]["per_gpu_gib"] == pytest.approx(result["per_gpu_gib"], abs=1e-4)
+    assert rows["full_logits"]["per_gpu_gib"] == pytest.approx(27.14, abs=0.01) and not rows["full_logits"]["fits"]
+    assert main(["plan", "--recipe", str(PAPER_RECIPE), "--compare-losses"]) == 0
+    out = capsys.readouterr().out
+    assert "by loss path" in out and "target_only" in out and "<- this plan" in out and "DOES NOT FIT" in out
 
 
 def test_demo_recipe_needs_its_tiny_model(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> None:
@@ -383,7 +424,7 @@ def test_cli_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) ->
     assert {"params", "per_gpu_gib", "breakdown", "fits", "max_micro_batch"} <= set(result)
     assert result["params"]["total"] == 8_291_375_616
     assert result["params"]["trainable"] == result["params"]["lora"] == 161_480_704
-    assert result["fits"] is True and result["max_micro_batch"] == 2
+    assert result["fits"] is True and result["max_micro_batch"] == 5  # 2 with --loss full_logits
     assert result["per_gpu_gib"] == pytest.approx(sum(result["breakdown"].values()), abs=1e-3)
 
 
@@ -392,10 +433,10 @@ def test_cli_table_and_recipe(capsys: pytest.CaptureFixture[str], monkeypatch: p
     out = capsys.readouterr().out
     assert "weights" in out and "logits + loss" in out and "verdict: fits" in out
     monkeypatch.chdir(ROOT)
-    assert main(["plan", "--recipe", str(PAPER_RECIPE), "stages.stage2.micro_batch=2"]) == 0
+    assert main(["plan", "--recipe", str(PAPER_RECIPE), "stages.stage2.micro_batch=4"]) == 0
     out = capsys.readouterr().out
-    assert "DOES NOT FIT" in out  # stage2 now has micro batch 2, and the most demanding stage is planned
-    assert main(["plan", "--recipe", str(PAPER_RECIPE), "--stage", "stage1", "stages.stage2.micro_batch=2"]) == 0
+    assert "DOES NOT FIT" in out  # stage2 now has micro batch 4, and the most demanding stage is planned
+    assert main(["plan", "--recipe", str(PAPER_RECIPE), "--stage", "stage1", "stages.stage2.micro_batch=4"]) == 0
     assert "verdict: fits" in capsys.readouterr().out
 
 

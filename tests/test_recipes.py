@@ -26,8 +26,8 @@ MAIN = "rmpl_qwen2vl_7b.yaml"
 # file -> (family, checkpoint directory, image tokens of a 512x512 image, max_seq_len)
 BACKBONE_RECIPES = {
     "rmpl_qwen2vl_7b.yaml": ("qwen2-vl", "Qwen2-VL-7B-Instruct", 324, 2048),
-    "rmpl_qwen3vl_8b.yaml": ("qwen3-vl", "Qwen3-VL-8B-Instruct", 256, 1536),
-    "rmpl_internvl3_5_8b.yaml": ("internvl3_5", "InternVL3_5-8B-HF", 256, 1536),
+    "rmpl_qwen3vl_8b.yaml": ("qwen3-vl", "Qwen3-VL-8B-Instruct", 256, 2048),
+    "rmpl_internvl3_5_8b.yaml": ("internvl3_5", "InternVL3_5-8B-HF", 256, 2048),
 }
 QLORA_RECIPES = {f"{Path(name).stem}_qlora.yaml": name for name in BACKBONE_RECIPES}
 ABLATIONS = ("rmpl_qwen2vl_7b_warmup_no_re.yaml", "rmpl_qwen2vl_7b_no_warmup.yaml", "rmpl_qwen2vl_7b_re_in_stage2.yaml")
@@ -37,6 +37,8 @@ MIXING_STUDY = {"rmpl_qwen2vl_7b_mix_1_1_2.yaml": 2.0, "rmpl_qwen2vl_7b_mix_1_1_
 STAGE1 = {"steps": 400, "lr": 1e-5}
 STAGE2 = {"steps": 800, "lr": 3e-5}
 GLOBAL_BATCH, WORLD_SIZE, IMAGE_SIZE, GPU_MEM_GIB = 16, 2, 512, 24
+# What "fits" means for a shipped recipe: room for the planner's own uncertainty, not just a total under the card.
+MARGIN_GIB = 1.5
 
 
 def recipe(name: str) -> Recipe:
@@ -117,8 +119,11 @@ def test_backbone_recipes(name: str) -> None:
     assert streams(stage1) == {"ace:t": 1.0, "swig:i": 1.0, "mnre:r": 1.0}
     assert streams(stage2) == {"ace:EM": 1.0, "swig:EM": 1.0, "ace:AR": 1.0, "swig:AR": 1.0}
     if name != MAIN:
-        changed = {"name", "model.family", "model.path", "model.max_image_tokens", "model.max_seq_len"}
+        # the 8B recipes restate the stages with micro batch 1 (see test_the_largest_paper_batch_that_fits)
+        changed = {"name", "model.family", "model.path", "model.max_image_tokens", "stages"}
         assert differences(r, recipe(MAIN)) == changed
+        main = recipe(MAIN)
+        assert r.stages == tuple(dataclasses.replace(stage, micro_batch=1) for stage in main.stages)
 
 
 @pytest.mark.parametrize("name", sorted(QLORA_RECIPES))
@@ -177,18 +182,30 @@ def test_mixing_study(name: str) -> None:
 
 
 @pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
-def test_fits_two_24gb_gpus(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_planner_predicts_every_stage_fits_two_24gb_gpus_with_margin(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prediction, not a measurement (bench/plan_vs_measured.md says how the planner is checked on a GPU)."""
     monkeypatch.chdir(ROOT)  # recipes name ds_configs/ and models/ relative to the repository root
     r = load_recipe(path)
     for stage in r.stages:
         plan = check_fits(r, WORLD_SIZE, gpu_mem_gib=GPU_MEM_GIB, stage=stage.name)
-        assert plan.fits and plan.per_gpu_gib <= GPU_MEM_GIB
+        assert plan.fits and plan.margin_gib >= MARGIN_GIB, (stage.name, plan.per_gpu_gib)
 
 
-@pytest.mark.parametrize("name", ["rmpl_qwen3vl_8b.yaml", "rmpl_internvl3_5_8b.yaml"])
-def test_why_the_8b_recipes_cap_at_1536_tokens(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The headers' reason: at 2048 tokens Qwen3-VL-8B does not fit and InternVL3.5-8B has under 0.5 GiB left."""
+@pytest.mark.parametrize("name", sorted(BACKBONE_RECIPES))
+def test_the_largest_paper_batch_that_fits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The headers' choice: the first of 2048 x 2, 2048 x 1, 1536 x 1 (tokens x micro batch) with the margin."""
     monkeypatch.chdir(ROOT)
-    at_2048 = plan_recipe(load_recipe(RECIPE_DIR / name, ["model.max_seq_len=2048"]))
-    assert at_2048.per_gpu_gib > GPU_MEM_GIB - 0.5
-    assert plan_recipe(recipe(name)).per_gpu_gib < at_2048.per_gpu_gib - 0.5
+    r = recipe(name)
+    chosen = (r.model.max_seq_len, r.stages[0].micro_batch)
+    for seq_len, micro_batch in ((2048, 2), (2048, 1), (1536, 1)):
+        overrides = [f"model.max_seq_len={seq_len}", *(f"stages.{s.name}.micro_batch={micro_batch}" for s in r.stages)]
+        plan = plan_recipe(load_recipe(RECIPE_DIR / name, overrides))
+        if plan.margin_gib >= MARGIN_GIB:
+            assert chosen == (seq_len, micro_batch), (plan.per_gpu_gib, plan.margin_gib)
+            break
+        assert chosen != (seq_len, micro_batch)
+    assert {stage.micro_batch for stage in r.stages} == {chosen[1]}
+    if name == MAIN:
+        assert chosen == (2048, 2)  # the paper's own batch: 2 x 4 accumulation x 2 GPUs = 16

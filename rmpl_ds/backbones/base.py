@@ -5,8 +5,8 @@ An adapter knows four things about its family and nothing about stages, recipes 
 * **loading** a local Hugging Face directory with ``from_pretrained`` in one of three modes (:data:`MODES`):
   ``lora`` (bf16 base + LoRA), ``qlora`` (bitsandbytes NF4 base with double quantization and bf16 compute,
   k-bit preparation, loaded on this rank's own device) and ``full`` (every language-model weight trains; for
-  small models and planning); gradient checkpointing is non-reentrant and the text embeddings' output requires
-  grad, the PEFT-safe combination (shared/notes/MEMORY_AND_SPEED.md §5.2);
+  small models and planning); gradient checkpointing is non-reentrant, which gives frozen-base LoRA its gradients
+  without any input-gradient hook, so a frozen vision tower is never back-propagated through;
 * **encoding** an :class:`~rmpl_ds.example.Example` into input ids, attention mask, labels (loss on the target
   and its end-of-turn token only) and pixel inputs: images are resized to the paper's 512×512 first, then go
   through the family's own image processor (PIL backend, no torchvision), and the chat template's image
@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from rmpl_ds.constants import IGNORE_INDEX
 from rmpl_ds.errors import UserError
 from rmpl_ds.log import get_logger
 
@@ -48,8 +49,6 @@ logger = get_logger(__name__)
 Mode = Literal["lora", "qlora", "full"]
 MODES: tuple[Mode, ...] = ("lora", "qlora", "full")
 
-# The label value the HF loss ignores.
-IGNORE_INDEX = -100
 
 # The paper's image protocol: every image is resized to 512×512 before the family's own preprocessing.
 PAPER_IMAGE_SIZE = 512
@@ -165,9 +164,13 @@ class ProcessorBundle:
     max_image_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def encode(self, example: Example, *, max_seq_len: int, with_target: bool = True) -> dict[str, Any]:
+    def encode(
+        self, example: Example, *, max_seq_len: int, with_target: bool = True, max_target_tokens: int | None = None
+    ) -> dict[str, Any]:
         """Shortcut for :meth:`BackboneAdapter.encode` with this bundle."""
-        return self.adapter.encode(self, example, max_seq_len=max_seq_len, with_target=with_target)
+        return self.adapter.encode(
+            self, example, max_seq_len=max_seq_len, with_target=with_target, max_target_tokens=max_target_tokens
+        )
 
     def sequence_length(self, example: Example, *, max_seq_len: int, with_target: bool = True) -> int:
         """Shortcut for :meth:`BackboneAdapter.sequence_length` with this bundle."""
@@ -422,7 +425,8 @@ class BackboneAdapter:
             lora: LoRA hyperparameters (lora/qlora; default :class:`LoraSettings`).
             train_vision_tower: lora/qlora: LoRA on the ViT linears too; full: the ViT weights train.
             train_projector: the projector/merger trains fully (saved with the adapter in lora/qlora).
-            gradient_checkpointing: non-reentrant activation checkpointing (+ input grads on the text embeddings).
+            gradient_checkpointing: non-reentrant activation checkpointing (no input-gradient hooks: nothing frozen
+                is back-propagated through unless a trainable parameter lies before it).
             dtype: weight dtype (default bf16); under qlora the bf16 compute dtype of the 4-bit layers.
             device: where this rank's copy goes (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU);
                 the whole model lands there, never ``device_map="auto"``.
@@ -504,6 +508,9 @@ class BackboneAdapter:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)
+        # PEFT hooks the input embeddings of every sub-model of a non-quantized base (for reentrant checkpointing,
+        # which is not used here); see _enable_gradient_checkpointing.
+        _drop_input_grad_hooks(model.get_base_model())
         model.train()
         return model, bundle
 
@@ -540,13 +547,15 @@ class BackboneAdapter:
         *,
         max_seq_len: int,
         with_target: bool = True,
+        max_target_tokens: int | None = None,
     ) -> dict[str, Any]:
         """Tokenize one example for training (``with_target``) or for generation (the prompt only).
 
         The loss covers the target's tokens and the end-of-turn token that closes it; the system turn, the user
         turn (text and image tokens) and the template's trailing newline are masked with ``IGNORE_INDEX``.
-        A sequence longer than ``max_seq_len`` loses its tail: the dropped target tokens are counted
-        (``n_target_tokens_dropped``), flagged (``truncated``) and logged, never silently cut.
+        A sequence longer than ``max_seq_len``, or a target of more than ``max_target_tokens`` labelled tokens,
+        loses its tail: the dropped target tokens are counted (``n_target_tokens_dropped``), flagged
+        (``truncated``) and logged, never silently cut.
 
         Returns:
             ``input_ids``, ``attention_mask``, ``labels`` (training only), ``mm_token_type_ids`` (Qwen families),
@@ -569,17 +578,21 @@ class BackboneAdapter:
         labels = (
             [IGNORE_INDEX] * len(prompt_ids) + answer_ids[:n_labelled] + [IGNORE_INDEX] * (len(answer_ids) - n_labelled)
         )
-        truncated = len(input_ids) > max_seq_len
+        limit, limit_name = max_seq_len, f"max_seq_len={max_seq_len}"
+        capped = max_target_tokens is not None and n_labelled > max_target_tokens
+        if capped and len(prompt_ids) + max_target_tokens < limit:
+            limit, limit_name = len(prompt_ids) + max_target_tokens, f"max_target_tokens={max_target_tokens}"
+        truncated = len(input_ids) > limit
         n_dropped = 0
         if truncated:
-            n_dropped = sum(1 for label in labels[max_seq_len:] if label != IGNORE_INDEX)
-            input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+            n_dropped = sum(1 for label in labels[limit:] if label != IGNORE_INDEX)
+            input_ids, labels = input_ids[:limit], labels[:limit]
             logger.warning(
-                "example %r (source %r, task %r) truncated to max_seq_len=%d: %d of %d target tokens dropped",
+                "example %r (source %r, task %r) truncated to %s: %d of %d target tokens dropped",
                 example.key,
                 example.source,
                 example.task,
-                max_seq_len,
+                limit_name,
                 n_dropped,
                 n_labelled,
             )
@@ -869,12 +882,14 @@ class BackboneAdapter:
                 parameter.requires_grad_(True)
 
     def _enable_gradient_checkpointing(self, model: Any) -> None:
-        # Non-reentrant checkpointing gives LoRA weights their gradients even though the checkpointed blocks'
-        # inputs come from frozen layers; the input-grad hook on the *text* embeddings is the belt to those braces
-        # (reentrant mode needs it), placed there rather than on every embedding so that a frozen vision tower is
-        # never back-propagated through.
+        # Non-reentrant checkpointing recomputes a block from saved-tensor hooks, so a block whose inputs come from
+        # frozen layers still gives its trainable weights (LoRA, or whatever trains) their gradients: nothing needs
+        # an input that requires grad. transformers' activation_checkpointing_enable (and PEFT's wrapper, see
+        # _drop_input_grad_hooks) nevertheless hook *every* sub-model's input embeddings to require grad, the
+        # vision patch embedding included, which makes backward run through the whole frozen vision tower. The
+        # hooks are removed: input gradients flow only where a trainable parameter puts them.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.get_input_embeddings().register_forward_hook(_require_grad_hook)
+        _drop_input_grad_hooks(model)
 
     def _dequantize_and_merge(self, model: Any, dtype: torch.dtype) -> Any:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -923,8 +938,13 @@ def _keep_one_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _require_grad_hook(module: Any, inputs: Any, output: Any) -> None:
-    output.requires_grad_(True)
+def _drop_input_grad_hooks(model: Any) -> None:
+    """Remove the input-embedding hooks that ``enable_input_require_grads`` registered on ``model`` (an HF model).
+
+    transformers keeps only the hooks of its latest call, so this runs right after each call that may add them
+    (activation checkpointing, PEFT wrapping), never after two of them.
+    """
+    model.disable_input_require_grads()
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -9,6 +9,7 @@ Examples:
   rmpl-ds plan --backbone internvl3_5-8b --mode qlora --micro-batch 2 --json
   rmpl-ds plan --backbone path/to/model_dir --mode full --gpus 8 --gpu-mem-gb 80 --offload
   rmpl-ds plan --recipe launch/recipes/rmpl_qwen2vl_7b.yaml --gpus 2 model.lora.rank=32
+  rmpl-ds plan --recipe launch/recipes/rmpl_qwen2vl_7b.yaml --compare-losses   # target-only head vs full logits
 """
 
 from __future__ import annotations
@@ -51,7 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-overlap-comm", action="store_true", help="one reduce buffer instead of two")
     parser.add_argument(
-        "--loss", choices=("standard", "fused"), default="standard", help="fused = Liger linear + cross-entropy"
+        "--loss",
+        choices=("target_only", "full_logits", "fused"),
+        default=None,
+        help="LM head + loss path (default: the recipe's model.loss, else target_only): target_only projects the "
+        "target positions only, full_logits every position, fused = a Liger-style linear + cross-entropy",
+    )
+    parser.add_argument(
+        "--target-tokens",
+        type=int,
+        default=None,
+        help="target tokens per sample the LM head projects under target_only (default 256; a recipe's "
+        "model.max_target_tokens)",
+    )
+    parser.add_argument(
+        "--compare-losses", action="store_true", help="also show the totals under every loss path (old vs new)"
     )
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--train-vision-tower", action="store_true", help="train the whole vision tower")
@@ -60,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-# Flags for what a recipe already describes (--gpus, --gpu-mem-gb and --loss, which no recipe key sets, apply to both).
+# Flags for what a recipe already describes (--gpus, --gpu-mem-gb and --loss apply to both; --loss overrides
+# model.loss).
 _SETUP_FLAGS = {
     "--mode": "mode",
     "--lora-rank": "lora_rank",
@@ -78,6 +94,7 @@ _SETUP_FLAGS = {
     "--train-vision-tower": "train_vision_tower",
     "--train-projector": "train_projector",
     "--fp32": "fp32",
+    "--target-tokens": "target_tokens",
 }
 
 
@@ -123,13 +140,21 @@ def run(args: argparse.Namespace) -> int:
             train_vision_tower=args.train_vision_tower,
             train_projector=args.train_projector,
             dtype="fp32" if args.fp32 else "bf16",
-            loss=args.loss,
+            loss=args.loss or "target_only",
+            target_tokens=args.target_tokens or planner.DEFAULT_TARGET_TOKENS,
             reduce_bucket_size=int(args.reduce_bucket_size or planner.DEFAULT_REDUCE_BUCKET_SIZE),
             overlap_comm=planner.DEFAULT_OVERLAP_COMM and not args.no_overlap_comm,
         )
         result = planner.plan_memory(settings)
+    comparison = planner.compare_losses(result) if args.compare_losses else None
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        document = result.to_dict()
+        if comparison is not None:
+            document["by_loss"] = comparison
+        print(json.dumps(document, indent=2))
     else:
         print(result.format_table())
+        if comparison is not None:
+            print("by loss path (the same settings otherwise):")
+            print(planner.format_comparison(comparison, result.settings.loss))
     return 0

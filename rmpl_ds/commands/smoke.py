@@ -1,6 +1,8 @@
 """Smoke-test a backbone offline: build its tiny random-init variant, render one example of every task (the image
-tasks with an image), run one forward and backward pass in the chosen mode, and report the loss, the trainable and
-total parameter counts and the fraction of label tokens.
+tasks with an image), run one forward and backward pass in the chosen mode by each loss path (the target-only LM
+head training uses, and full logits for every position, the reference), and report both losses, the largest relative
+gradient difference between them (a one-command check that the lean path is exact on this install), the trainable
+and total parameter counts and the fraction of label tokens.
 
 Nothing is downloaded: the tiny model (real architecture class, locally trained tokenizer) is written to a
 temporary directory and read back through the same ``from_pretrained`` path the 7-8B checkpoints use. Exits
@@ -103,7 +105,7 @@ def smoke_examples(seed: int = 0) -> list[Example]:
 
 
 def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -> dict[str, Any]:
-    """Build, load, encode, forward, backward; return the measurements (see the module docstring).
+    """Build, load, encode, forward, backward by both loss paths; return the measurements (module docstring).
 
     Raises:
         RuntimeError: a non-finite loss, or a trainable parameter without a finite gradient.
@@ -113,7 +115,6 @@ def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -
     from rmpl_ds.backbones import get_adapter
     from rmpl_ds.backbones.base import count_parameters
     from rmpl_ds.backbones.tiny import build_tiny
-    from rmpl_ds.collate import model_inputs
 
     adapter = get_adapter(backbone)
     started = time.perf_counter()
@@ -123,24 +124,14 @@ def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -
         model, bundle = adapter.load(model_dir, mode)
         encoded = [bundle.encode(example, max_seq_len=max_seq_len) for example in smoke_examples(seed)]
         batch = bundle.collator()(encoded)
-        device = next(model.parameters()).device
-        outputs = model(**{key: value.to(device) for key, value in model_inputs(batch).items()})
-        loss = outputs.loss
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()}")
-        loss.backward()
-        trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-        without_grad = [name for name, parameter in trainable if parameter.grad is None]
-        if without_grad:
-            raise RuntimeError(f"{len(without_grad)} trainable tensors got no gradient, e.g. {without_grad[:3]}")
-        if not all(torch.isfinite(parameter.grad).all() for _, parameter in trainable):
-            raise RuntimeError("non-finite gradients")
-        if not any(parameter.grad.abs().sum() > 0 for _, parameter in trainable):
-            raise RuntimeError("every gradient is zero: nothing would train")
+        lean_loss, lean_grads = _loss_and_gradients(model, batch, "target_only", seed)
+        full_loss, full_grads = _loss_and_gradients(model, batch, "full_logits", seed)
         trainable_params, total_params = count_parameters(model)
     stats = batch["stats"]
     return {
-        "loss": float(loss.item()),
+        "loss": lean_loss,
+        "loss_full_logits": full_loss,
+        "max_grad_rel_diff": _max_relative_difference(lean_grads, full_grads),
         "trainable_params": trainable_params,
         "total_params": total_params,
         "label_fraction": stats.target_tokens / stats.real_tokens,
@@ -152,6 +143,45 @@ def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -
             "seconds": time.perf_counter() - started,
         },
     }
+
+
+def _loss_and_gradients(model: Any, batch: dict[str, Any], path: str, seed: int) -> tuple[float, dict[str, Any]]:
+    """One forward (the training loss, ``path`` of rmpl_ds.loss) and backward; the loss and every trainable
+    parameter's gradient. The same seed before each path gives both the same dropout masks."""
+    import torch
+
+    from rmpl_ds.collate import model_inputs
+    from rmpl_ds.loss import forward_loss
+
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) for key, value in model_inputs(batch).items()}
+    labels = inputs.pop("labels")
+    torch.manual_seed(seed)
+    loss = forward_loss(model, inputs, labels, torch.ones(len(labels)), path=path).loss  # type: ignore[arg-type]
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()} ({path})")
+    loss.backward()
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    without_grad = [name for name, parameter in trainable if parameter.grad is None]
+    if without_grad:
+        raise RuntimeError(f"{len(without_grad)} trainable tensors got no gradient, e.g. {without_grad[:3]}")
+    if not all(torch.isfinite(parameter.grad).all() for _, parameter in trainable):
+        raise RuntimeError(f"non-finite gradients ({path})")
+    if not any(parameter.grad.abs().sum() > 0 for _, parameter in trainable):
+        raise RuntimeError("every gradient is zero: nothing would train")
+    return float(loss.item()), {name: parameter.grad.detach().clone() for name, parameter in trainable}
+
+
+def _max_relative_difference(lean: dict[str, Any], reference: dict[str, Any]) -> float:
+    """max over parameters of max|lean - reference| / max|reference| (parameters whose reference gradient is
+    exactly zero, e.g. LoRA's A before B has moved, compare in absolute terms)."""
+    worst = 0.0
+    for name, expected in reference.items():
+        scale = float(expected.abs().max())
+        difference = float((lean[name] - expected).abs().max())
+        worst = max(worst, difference / scale if scale > 0 else difference)
+    return worst
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,9 +201,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         print(
-            f"{args.backbone} {args.mode}: loss {result['loss']:.4f}, trainable {result['trainable_params']:,} of "
-            f"{result['total_params']:,} parameters, label tokens {result['label_fraction']:.1%} of "
-            f"{details['real_tokens']} ({details['examples']} examples, {details['images']} images, "
-            f"{details['seconds']:.1f} s)"
+            f"{args.backbone} {args.mode}: loss {result['loss']:.4f} (target-only LM head; full logits "
+            f"{result['loss_full_logits']:.4f}, largest relative gradient difference "
+            f"{result['max_grad_rel_diff']:.1e}), "
+            f"trainable {result['trainable_params']:,} of {result['total_params']:,} parameters, label tokens "
+            f"{result['label_fraction']:.1%} of {details['real_tokens']} ({details['examples']} examples, "
+            f"{details['images']} images, {details['seconds']:.1f} s)"
         )
     return 0
