@@ -57,6 +57,9 @@ class ModelConfig:
     ``full_logits`` computes logits for every position (the reference; same losses and gradients, see
     rmpl_ds.loss). ``max_target_tokens`` bounds the labelled tokens of one example (a longer target loses its
     tail, counted and logged like a ``max_seq_len`` truncation), so the planner's logits term is a bound, not a guess.
+    ``init``: ``pretrained`` (the default) reads the weights in ``path``; ``random`` builds ``path``'s config.json with
+    random weights (benchmarks of full-size backbones where no weights exist: bench/gpu/); only stages that start
+    from the base model (no ``init_from``) may use it.
     """
 
     family: Family
@@ -72,6 +75,7 @@ class ModelConfig:
     loss: Literal["target_only", "full_logits"] = "target_only"
     gradient_checkpointing: bool = True
     dtype: Literal["bf16", "fp32"] = "bf16"
+    init: Literal["pretrained", "random"] = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,13 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
             later = [s.name for s in recipe.stages[index:]]
             why = "is this stage or a later one" if stage.init_from in later else "is not a stage of this recipe"
             add(f"{key}.init_from", f"{stage.init_from!r} {why}; it must name an earlier stage or be null")
+        if stage.init_from is not None and recipe.model.init == "random":
+            add(
+                f"{key}.init_from",
+                "model.init is random (a benchmark of the base architecture): a stage that starts from an export "
+                "needs model.init: pretrained",
+                depends=("model.init",),
+            )
         earlier.setdefault(stage.name, index)
         _validate_stage(stage, key, recipe, world, world_keys, problems)
     return problems.messages()

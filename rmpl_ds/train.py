@@ -324,6 +324,7 @@ def load_model(
         zero_stage=zero,
         image_size=model_cfg.image_size,
         max_image_tokens=model_cfg.max_image_tokens,
+        random_init=model_cfg.init == "random",  # config refuses it for a stage with init_from
     )
     if adapter_weights is not None:
         load_adapter_weights(model, adapter_weights)

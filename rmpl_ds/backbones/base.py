@@ -416,6 +416,7 @@ class BackboneAdapter:
         image_size: int | None = PAPER_IMAGE_SIZE,
         max_image_tokens: int | None = None,
         attn_implementation: str | None = None,
+        random_init: bool = False,
     ) -> tuple[PreTrainedModel, ProcessorBundle]:
         """Load a local checkpoint for training in ``mode`` and return ``(model, bundle)``.
 
@@ -433,6 +434,9 @@ class BackboneAdapter:
             zero_stage: the DeepSpeed ZeRO stage the model will train under, when known; qlora refuses 3.
             image_size, max_image_tokens: see :meth:`load_processor`.
             attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``; default: transformers' choice.
+            random_init: build the architecture of ``path``'s config.json with random weights instead of reading a
+                checkpoint (benchmarks of full-size models where no weights exist; see :meth:`_random_model`); the
+                same modes, LoRA and checkpointing follow.
 
         Returns:
             The model in train mode (a ``PeftModel`` in lora/qlora) with ``config.use_cache = False``, and the
@@ -471,7 +475,10 @@ class BackboneAdapter:
                 # The LM head, the vision tower and the projector stay in bf16: small, and precision-sensitive.
                 llm_int8_skip_modules=list(self.quantization_skip_modules),
             )
-        model = self.model_class().from_pretrained(bundle.path, **load_kwargs)
+        if random_init:
+            model = self._random_model(bundle, load_kwargs)
+        else:
+            model = self.model_class().from_pretrained(bundle.path, **load_kwargs)
         # No KV cache in training (checkpointing would turn it off anyway, with a warning per forward).
         model.config.use_cache = False
         model.config.get_text_config().use_cache = False
@@ -513,6 +520,32 @@ class BackboneAdapter:
         _drop_input_grad_hooks(model.get_base_model())
         model.train()
         return model, bundle
+
+    def _random_model(self, bundle: ProcessorBundle, load_kwargs: dict[str, Any]) -> PreTrainedModel:
+        """The architecture of ``bundle.config`` with random weights (the family's own init, under the caller's seed),
+        built directly on the target device in the target dtype; nothing is read from disk.
+
+        For QLoRA the random bf16 weights are handed to ``from_pretrained`` as a state dict with the same
+        ``quantization_config``, so transformers and bitsandbytes quantize them exactly as they would a checkpoint's.
+        The bf16 copy is freed afterwards and, on a GPU, the peak-memory counters are reset: that transient copy is an
+        artifact of having no checkpoint, not part of a real load.
+        """
+        import torch
+
+        (device,) = set(load_kwargs["device_map"].values())
+        extra = {key: load_kwargs[key] for key in ("attn_implementation",) if key in load_kwargs}
+        with torch.device(device):
+            model = self.model_class()._from_config(bundle.config, dtype=load_kwargs["dtype"], **extra)
+        if "quantization_config" not in load_kwargs:
+            return model
+        weights = model.state_dict()
+        del model
+        quantized = self.model_class().from_pretrained(None, config=bundle.config, state_dict=weights, **load_kwargs)
+        del weights
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        return quantized
 
     @staticmethod
     def resolve_model_dir(path: str | Path) -> Path:
