@@ -222,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
             metrics.update(step=step, lr=lr, bad_steps=health.bad_steps, bad_steps_in_a_row=health.in_a_row)
             metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
             metrics["peak_memory_gib"] = peak_memory_gib(device)
+            if device.type == "cuda":  # what the caching allocator holds (bench/gpu/ compares it with the planner)
+                metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             final_loss = metrics["loss"]
             if step % recipe.logging.log_every == 0 or step == stage.steps or metrics["skipped"]:
                 monitor.log_step(metrics)
