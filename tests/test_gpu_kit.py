@@ -129,6 +129,34 @@ def test_cpu_mode_of_the_one_command(tmp_path: Path, wheel_set: Path) -> None:
     print(f"CPU mode of bench/gpu/run.sh: {elapsed:.0f} s")
 
 
+@pytest.mark.slow
+def test_gpu_mode_installs_checks_and_refuses_without_cuda(tmp_path: Path, wheel_set: Path) -> None:
+    out = tmp_path / "device-out"
+    out.mkdir()
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        OUT=str(out),
+        RMPL_GPU_SITE=str(tmp_path / "site"),
+        RMPL_GPU_WORK=str(tmp_path / "work"),
+    )
+    done = subprocess.run(
+        ["bash", "bench/gpu/run.sh", "--wheels", str(wheel_set), "--budget-s", "60"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "run.sh: transformers" in done.stdout and "CUDA available: False" in done.stdout
+    assert "no CUDA device" in done.stderr
+    assert (tmp_path / "site" / "rmpl_fake_a" / "__init__.py").is_file()  # installed for real, not a dry run
+    logs = (out / "logs.txt").read_text()
+    assert "installing" in logs and "CUDA available: False" in logs
+
+
 def test_a_spent_budget_still_writes_the_results(tmp_path: Path) -> None:
     assert kit.main(["--cpu-smoke", "--out", str(tmp_path), "--budget-s", "0"]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())

@@ -2,7 +2,8 @@
 # GPU proof kit, the one command (bench/gpu/README.md). On a bare GPU machine whose Python has CUDA torch and an old
 # transformers, it installs the wheels bench/gpu/prepare.sh put in .whl/ (no registry needed), then runs the
 # full-size backbones through the real stage runner within a hard time budget (bench/gpu/kit.py) and writes
-# bench/results/gpu.json + gpu.md, also copied into $OUT when that is set (the device tool's result folder).
+# gpu.json + gpu.md after every case into $OUT when the device tool sets it (else bench/results/), so whatever was
+# measured comes back even if the command is cut off; logs.txt (set-up and every run's log) follows at the end.
 #
 #   bash bench/gpu/run.sh                                  the GPU run
 #   bash bench/gpu/run.sh --cpu-smoke --out DIR            the CPU mode, results under DIR: the wheel set checked
@@ -14,6 +15,7 @@
 #          --wheels DIR   the wheel set (default .whl)
 # Env:     PYTHON (default .venv/bin/python if present, else python3)   RMPL_COMMIT (the commit measured: the tree
 #          that travels has no .git)   RMPL_GPU_SITE (where the wheels go, default /tmp/rmpl-gpu-site)
+#          RMPL_GPU_WORK (scratch: model directories, shards, runs; default /tmp/rmpl-gpu-kit, emptied first)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -56,15 +58,15 @@ if [ "$mode" = cpu-smoke ]; then
         ${install_args[@]+"${install_args[@]}"}
 fi
 
-out=${out:-$ROOT/bench/results}
+out=${out:-${OUT:-$ROOT/bench/results}}
 site=${RMPL_GPU_SITE:-/tmp/rmpl-gpu-site}
-work=/tmp/rmpl-gpu-kit
+work=${RMPL_GPU_WORK:-/tmp/rmpl-gpu-kit}
 rm -rf "$work"
 mkdir -p "$work" "$out"
 
 setup() {
     echo "run.sh: installing $wheels into $site"
-    timeout 180 "$PYTHON" bench/gpu/wheels.py install "$wheels" --site "$site" --json "$work/install.json" || return
+    timeout 120 "$PYTHON" bench/gpu/wheels.py install "$wheels" --site "$site" --json "$work/install.json" || return
     PYTHONPATH="$site:$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'EOF'
 import importlib.metadata as metadata
 import sys
@@ -87,13 +89,15 @@ set -e
 if [ "$rc" -eq 0 ]; then
     export PYTHONPATH="$site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     export PATH="$site/bin:$PATH"
-    timeout --kill-after=30 $((budget + 60)) "$PYTHON" bench/gpu/kit.py --out "$out" --work "$work" \
+    # The kit keeps to its budget; this is the backstop, short enough that the device tool's 600 s are not reached
+    # (set-up ~40 s + budget + 45 + 15).
+    timeout --kill-after=15 $((budget + 45)) "$PYTHON" bench/gpu/kit.py --out "$out" --work "$work" \
         --budget-s "$budget" --install-json "$work/install.json" ${case_args[@]+"${case_args[@]}"} || rc=$?
 else
     echo "run.sh: the set-up failed (exit $rc): no case ran; see $work/setup.log" >&2
 fi
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$out/gpu.json" "$out/gpu.md" "$OUT/" 2>/dev/null || true
+    if [ "$out" != "$OUT" ]; then cp "$out/gpu.json" "$out/gpu.md" "$OUT/" 2>/dev/null || true; fi
     # The set-up and every run's log, the last 8 MB of them: enough to see why something failed.
     for log in "$work/setup.log" "$work"/cases/*/*.log; do
         if [ -f "$log" ]; then echo "===== $log"; cat "$log"; fi
