@@ -123,7 +123,7 @@ class DemoSet:
         )
 
 
-def build_demo(root: Path, *, size: int = DEMO_SIZE, shard_size: int = SHARD_SIZE) -> DemoSet:
+def build_demo(root: Path, *, size: int = DEMO_SIZE, shard_size: int = SHARD_SIZE, seed: int = 0) -> DemoSet:
     """Write the demo raw data, convert it to shard sets with the real converters, and build the tiny Qwen2-VL."""
     import contextlib
     import io
@@ -133,7 +133,7 @@ def build_demo(root: Path, *, size: int = DEMO_SIZE, shard_size: int = SHARD_SIZ
     from rmpl_ds.sources.demo import write_demo
 
     raw = root / "raw"
-    write_demo(raw, seed=0, size=size)
+    write_demo(raw, seed=seed, size=size)
     shards = {}
     for source, converter, input_path, images in DEMO_SOURCES:
         shards[source] = root / "shards" / source

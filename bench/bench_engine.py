@@ -107,14 +107,21 @@ class LoopBody:
         from rmpl_ds.train import peak_memory_gib, train_step
 
         lr = self.ds_engine.get_lr()[0]
-        metrics = train_step(self.ds_engine, batches, self.plan.accumulation, self.device, self.data.stream_names)
+        metrics = train_step(
+            self.ds_engine,
+            batches,
+            self.plan.accumulation,
+            self.device,
+            self.data.stream_names,
+            stop_requested=self.stop.requested,
+        )
         self.step += 1
         self.health = self.health.after(self.step, skipped=metrics["skipped"])
         metrics.update(step=self.step, lr=lr, bad_steps=self.health.bad_steps, bad_steps_in_a_row=self.health.in_a_row)
         metrics["epochs"] = self.data.stream.epochs_at(self.step * self.plan.global_batch)
         metrics["peak_memory_gib"] = peak_memory_gib(self.device)
+        metrics.pop("stop_requested")
         self.monitor.log_step(metrics)
-        self.stop.agreed(self.device)
 
     def close(self) -> None:
         self.monitor.close()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_data import machine, machine_line, revision
-from benchlib import write_results
+from benchlib import spread, spread_cell, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -208,14 +208,10 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             for key in ("steps_per_s", "step_s", "step_peak_mib", "process_peak_mib")
         }
         if path != "before":
-            speed = [r[path]["steps_per_s"] / r["before"]["steps_per_s"] for r in rounds]
-            memory = [r["before"]["step_peak_mib"] / r[path]["step_peak_mib"] for r in rounds]
-            summary[path]["speedup"] = {"median": statistics.median(speed), "min": min(speed), "max": max(speed)}
-            summary[path]["memory_ratio"] = {
-                "median": statistics.median(memory),
-                "min": min(memory),
-                "max": max(memory),
-            }
+            summary[path]["speedup"] = spread([r[path]["steps_per_s"] / r["before"]["steps_per_s"] for r in rounds])
+            summary[path]["memory_ratio"] = spread(
+                [r["before"]["step_peak_mib"] / r[path]["step_peak_mib"] for r in rounds]
+            )
     return summary
 
 
@@ -246,10 +242,7 @@ def render(report: dict[str, Any]) -> str:
         memory = row.get("memory_ratio")
         lines.append(
             f"| {path} | {row['steps_per_s']:.3f} | {row['step_peak_mib']:.0f} | {row['process_peak_mib']:.0f} | "
-            + (f"{speed['median']:.2f}x [{speed['min']:.2f}, {speed['max']:.2f}]" if speed else "1 (baseline)")
-            + " | "
-            + (f"{memory['median']:.2f}x [{memory['min']:.2f}, {memory['max']:.2f}]" if memory else "1 (baseline)")
-            + " |"
+            f"{spread_cell(speed)} | {spread_cell(memory)} |"
         )
     lines += [
         "",

@@ -27,3 +27,17 @@ def write_results(out: Path, name: str, report: dict[str, Any], render: Callable
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     print(text)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and range of per-round ratios (the paired comparisons every benchmark reports)."""
+    import statistics
+
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spread_cell(row: dict[str, float] | None, baseline: str = "1 (baseline)") -> str:
+    """A :func:`spread` as a table cell, ``1.23x [1.01, 1.40]``; ``baseline`` for the reference row."""
+    if row is None:
+        return baseline
+    return f"{row['median']:.2f}x [{row['min']:.2f}, {row['max']:.2f}]"

@@ -134,11 +134,18 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where and how the stage runs: ranks per node, nodes, the DeepSpeed config, data loader workers."""
+    """Where and how the stage runs: ranks per node, nodes, the DeepSpeed config, data loader workers.
+
+    ``zero_stage`` (0, 1 or 2) overrides the DeepSpeed config's ZeRO stage; ``null`` keeps the file's (2 for
+    ds_configs/zero2.json). ZeRO-2 pays where the optimizer states and gradients of the trainable parameters are
+    large (full fine-tuning of 7-8B models); for LoRA on two GPUs they are ~2 GiB in all, and ZeRO-0/1 leave out
+    the partitioning work (`rmpl-ds plan` says what each stage costs).
+    """
 
     gpus: int = 2
     nodes: int = 1
     deepspeed_config: str = "ds_configs/zero2.json"
+    zero_stage: int | None = None
     num_workers: int = 2
     hostfile: str | None = None
 
@@ -378,6 +385,8 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
             add(f"raw.{name}", f"not a source of this recipe ({sorted(recipe.sources)})", depends=("sources",))
         _positive(problems, f"raw.{name}.shard_size", raw.shard_size)
     _positive(problems, "launch.gpus", launch.gpus)
+    if launch.zero_stage is not None and launch.zero_stage not in (0, 1, 2):
+        add("launch.zero_stage", f"must be 0, 1, 2 or null (the DeepSpeed config's), got {launch.zero_stage}")
     _positive(problems, "launch.nodes", launch.nodes)
     if launch.num_workers < 0:
         add("launch.num_workers", f"must be >= 0, got {launch.num_workers}")

@@ -90,6 +90,18 @@ def _ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def close_batches(batches: Any) -> None:
+    """Stop the worker processes of a loader iterator now.
+
+    The slot stream is endless, so an iterator is never exhausted, and its workers ignore SIGTERM (see
+    :func:`_ignore_signals_in_worker`): left to the interpreter's exit, multiprocessing would SIGTERM and then join
+    them forever. Called by the training loop on every way out of it.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-worker iterator; none with 0 workers
+    if shutdown is not None:
+        shutdown()
+
+
 def open_sources(recipe: Recipe, stage: StageConfig) -> dict[str, ShardSet]:
     """Every shard set the stage's mixture reads, opened once per source: manifest, index hashes, tar sizes and
     the member whitelist are checked (cheap; ``rmpl-ds shards verify`` re-hashes the tars). Raises UserError."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 
 def _initialized() -> bool:
@@ -37,6 +38,11 @@ def world_size() -> int:
 def local_rank() -> int:
     """Rank of this process on its node; the launchers export LOCAL_RANK."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size(environ: Mapping[str, str] = os.environ) -> int:
+    """Processes of this job on this node: torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    return int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or "1")
 
 
 def is_main() -> bool:

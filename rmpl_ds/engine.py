@@ -13,7 +13,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -40,14 +40,16 @@ def configure_runtime(*, deterministic: bool) -> torch.device:
     * GPU: bf16 is required (a clear error on GPUs without it); the caching allocator uses expandable
       segments (less fragmentation with variable-length VLM batches); GPUs without peer-to-peer access
       (RTX 4090 boxes) get ``NCCL_P2P_DISABLE=1``, otherwise NCCL hangs on the first collective.
-    * CPU: DeepSpeed's CPU accelerator with gloo; ``deterministic`` turns on deterministic algorithms so
-      that a resumed run reproduces the uninterrupted one bit for bit.
+    * CPU: DeepSpeed's CPU accelerator with gloo; see :func:`configure_cpu_rank` for threads and the allocator;
+      ``deterministic`` turns on deterministic algorithms so that a resumed run reproduces the uninterrupted one
+      bit for bit.
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if not torch.cuda.is_available():
+        configure_cpu_rank()
         return torch.device("cpu")
     device = torch.device("cuda", dist.local_rank())
     torch.cuda.set_device(device)
@@ -61,6 +63,42 @@ def configure_runtime(*, deterministic: bool) -> torch.device:
             os.environ["NCCL_P2P_DISABLE"] = "1"
             log.info("GPUs have no peer-to-peer access (e.g. RTX 4090): set NCCL_P2P_DISABLE=1")
     return device
+
+
+# glibc keeps this much free memory at the top of the heap instead of handing it back to the kernel after every
+# step (M_TOP_PAD; the MALLOC_TOP_PAD_ variable does the same), and trims only above M_TRIM_THRESHOLD.
+MALLOC_PAD_BYTES = 1 << 30
+_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2  # <malloc.h>
+
+
+def configure_cpu_rank(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Threads and allocator for a training rank on CPU cores (what a launcher leaves unset); returns what it set.
+
+    * Threads: the node's cores split between its ranks (``OMP_NUM_THREADS``, when set, wins). torch would
+      otherwise give every rank all the cores, so two ranks on two cores run four compute threads that preempt
+      each other; torchrun sets one thread per rank for the same reason, the deepspeed launcher sets nothing.
+    * Allocator: a step's large temporaries (logits, activations) are freed at its end, and glibc returns freed
+      memory at the top of the heap to the kernel at once, so every step faults the same pages in again
+      (bench/results/engine.md measured 35-44 % of a CPU step in those faults). Keeping 1 GiB of padding makes
+      the next step reuse them. Skipped where the C library is not glibc or ``MALLOC_TOP_PAD_`` is set.
+    """
+    import ctypes
+    import ctypes.util
+
+    applied: dict[str, Any] = {}
+    if not environ.get("OMP_NUM_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size(environ)))
+        torch.set_num_threads(threads)
+        applied["threads"] = threads
+    if "MALLOC_TOP_PAD_" not in environ:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt
+        except (OSError, AttributeError):
+            return applied  # not glibc: its allocator has its own habits
+        if mallopt(_M_TOP_PAD, MALLOC_PAD_BYTES) and mallopt(_M_TRIM_THRESHOLD, 2 * MALLOC_PAD_BYTES):
+            applied["malloc_top_pad"] = MALLOC_PAD_BYTES
+    return applied
 
 
 # How long a rank waits in a collective (or the rendezvous) for the others before it gives up with an error. It
@@ -118,14 +156,6 @@ def is_collective_failure(error: BaseException) -> bool:
     )
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (collective: call on every rank)."""
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
 # ------------------------------------------------------------------------------------- optimizer, schedule
 
 
@@ -151,7 +181,10 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> tuple[torch.o
     if not decay and not no_decay:
         raise UserError("the model has no trainable parameters (check model.mode and the LoRA targets)")
     groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
+    # The fused kernel (CPU and CUDA) updates DeepSpeed's flat fp32 partitions in one pass instead of a loop of ops.
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999), eps=1e-8, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, stage))
     return optimizer, scheduler
 
@@ -159,13 +192,15 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> tuple[torch.o
 # ------------------------------------------------------------------------------------------ non-finite losses
 #
 # A micro-batch whose loss is NaN or inf must not reach the weights, and every rank must skip the same optimizer
-# step (ZeRO-2 averages gradients over ranks, and the ranks must stay in lockstep). The loop asks all ranks after
-# each forward (any_rank); once one micro-batch of a step is bad, every rank back-propagates ``poisoned(loss)`` for
-# it and for the step's remaining micro-batches. Its gradients are NaN, so the accumulated gradients of the whole
-# step are non-finite and DeepSpeed's overflow check (the one that skips fp16 loss-scale overflows; on by default
-# for bf16 and fp32 under ZeRO) drops them: no optimizer update, Adam moments and step count unchanged, the lr
-# schedule does not advance, ``skipped_steps`` is counted in DeepSpeed's checkpoint. DeepSpeed's micro-step
-# bookkeeping sees an ordinary step, so checkpoints and an exact resume work as for any other step.
+# step (ZeRO averages gradients over ranks, and the ranks must stay in lockstep). The rank whose loss is not finite
+# back-propagates ``poison_non_finite(loss)``, whose gradients are NaN; the gradient reduction spreads them to every
+# rank's gradients, and DeepSpeed's overflow check (the one that skips fp16 loss-scale overflows; on by default for
+# bf16 and fp32 under ZeRO; collective, so every rank decides alike) drops the step: no optimizer update, Adam
+# moments and step count unchanged, the lr schedule does not advance, ``skipped_steps`` is counted in DeepSpeed's
+# checkpoint. No extra collective is needed for it: the loop reads ``was_step_applied()`` and counts the
+# non-finite micro-batches in the step's one metrics reduction, which also catches a DeepSpeed config that turned
+# the check off (the step would have been applied: refused loudly). DeepSpeed's micro-step bookkeeping sees an
+# ordinary step, so checkpoints and an exact resume work as for any other step.
 
 
 def poisoned(loss: torch.Tensor) -> torch.Tensor:
@@ -173,13 +208,21 @@ def poisoned(loss: torch.Tensor) -> torch.Tensor:
     return loss * float("nan")
 
 
-def check_step_skipped(ds_engine: Any) -> None:
-    """After the optimizer step of a poisoned step: make sure DeepSpeed really skipped it."""
-    if ds_engine.was_step_applied():
-        raise RuntimeError(
-            "DeepSpeed applied an optimizer step with non-finite gradients (is bf16.check_grad_overflow false in "
-            "the DeepSpeed config?); the weights in memory are invalid, the last sealed checkpoint is not"
-        )
+def poison_non_finite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` itself when it is finite, else :func:`poisoned` (NaN gradients whatever made it non-finite);
+    decided on the device, so the host never waits for it."""
+    # A factor computed off the graph: 1 (exact, the gradients unchanged) or NaN. torch.where(finite, loss,
+    # poisoned(loss)) would not do: the branch not taken still gets 0 x NaN = NaN gradients.
+    scale = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+    return loss * scale
+
+
+def refuse_applied_non_finite_step() -> None:
+    """A step with a non-finite loss that DeepSpeed applied anyway: the weights in memory are invalid."""
+    raise RuntimeError(
+        "DeepSpeed applied an optimizer step with non-finite gradients (is bf16.check_grad_overflow false in "
+        "the DeepSpeed config?); the weights in memory are invalid, the last sealed checkpoint is not"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -187,6 +230,9 @@ def check_step_skipped(ds_engine: Any) -> None:
 
 class GracefulStop:
     """SIGTERM / SIGINT ask the loop to finish the current step, checkpoint and exit; a second signal aborts.
+
+    ``requested`` is this rank's view; the loop agrees on it across ranks in each step's metrics reduction
+    (rmpl_ds.train.train_step), so every rank stops after the same step.
 
     The deepspeed launcher forwards the signal it receives to every rank, and a terminal's Ctrl-C reaches the
     launcher and the ranks at once, so one user action can arrive twice within moments: a repeat within
@@ -213,10 +259,6 @@ class GracefulStop:
             return
         log.error("second signal: aborting without a checkpoint")
         os._exit(128 + signum)
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank was asked to stop (so all ranks stop at the same step)."""
-        return any_rank(self.requested, device)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -265,12 +307,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum a short vector of floats over ranks (for per-stream loss sums and counts)."""
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+def reduce_sums(values: torch.Tensor) -> list[float]:
+    """Sum a short vector over ranks (collective: call on every rank) and bring it to the host, in one copy."""
     if dist.world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+        torch.distributed.all_reduce(values)
+    return values.tolist()
 
 
 # ------------------------------------------------------------------------------------- fault injection (tests)

@@ -26,7 +26,8 @@ Model states per GPU (ZeRO-2, bf16 with fp32 master weights, torch AdamW)
     adapter weights    e x P_lora (DeepSpeed casts the whole module to the compute dtype).
     gradients          (e + 4) x P_t / N: the compute-dtype gradient partition a rank owns after reduce-scatter, plus
                        the fp32 copy the optimizer step makes of it. ZeRO-1: e x P_t (unpartitioned) + 4 x P_t / N.
-    optimizer states   12 x P_t / N: fp32 master weights (4) + Adam momentum and variance (8).
+                       ZeRO-0 (DeepSpeed's bf16 data-parallel optimizer): (e + 4) x P_t, nothing partitioned.
+    optimizer states   12 x P_t / N: fp32 master weights (4) + Adam momentum and variance (8); ZeRO-0: 12 x P_t.
     Full fine-tuning therefore costs 2P + 18P/N, term for term DeepSpeed's own
     ``estimate_zero2_model_states_mem_needs(P, cpu_offload=False)`` ("2 = params_16bit, 18 = 2_grads_16bit +
     4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit"); tests/test_plan.py asserts the agreement. The ZeRO
@@ -38,7 +39,8 @@ Model states per GPU (ZeRO-2, bf16 with fp32 master weights, torch AdamW)
 
 Communication buckets
     With ``contiguous_gradients`` (DeepSpeed's default) each backward allocates a reduce buffer of
-    ``reduce_bucket_size`` elements in the compute dtype, and a second one when ``overlap_comm`` is on
+    ``reduce_bucket_size`` elements in the compute dtype (capped at the trainable parameters by
+    ``rmpl_ds.ds_config.fill``; ZeRO-0 has none), and a second one when ``overlap_comm`` is on
     (``stage_1_and_2.py``, ``setup_buckets``): ds_configs/zero2.json's 5e7 with overlap is 0.19 GiB, DeepSpeed's
     default 5e8 is 0.93 GiB for nothing under LoRA. The all-gather after the step writes in place into the flat
     parameter buffer (``all_gather_into_tensor``), so ``allgather_bucket_size`` costs no memory.
@@ -97,6 +99,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from rmpl_ds.ds_config import bucket_elements
 from rmpl_ds.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -129,7 +132,7 @@ MODES: tuple[str, ...] = ("lora", "qlora", "full")
 LOSSES: tuple[str, ...] = ("target_only", "full_logits", "fused")
 # The recipe's default model.max_target_tokens (rmpl_ds.config.ModelConfig).
 DEFAULT_TARGET_TOKENS = 256
-SUPPORTED_ZERO_STAGES = (1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 # Backbone name -> full-size config shipped in rmpl_ds/model_configs (see shared/model_configs/README.md).
 BACKBONES: dict[str, str] = {
@@ -218,7 +221,7 @@ def settings_problems(settings: PlanSettings) -> list[str]:
         problems.append("lora_targets: must name at least one module (or be null for the default)")
     if settings.zero_stage not in SUPPORTED_ZERO_STAGES:
         problems.append(
-            f"zero_stage: the planner models ZeRO-1 and ZeRO-2, got {settings.zero_stage} "
+            f"zero_stage: the planner models ZeRO-0, 1 and 2, got {settings.zero_stage} "
             "(ZeRO-3 is not used here: it would shard the frozen base over PCIe without P2P, notes §5.5)"
         )
     if settings.dtype not in ("bf16", "fp32"):
@@ -722,21 +725,23 @@ def _breakdown(
         lines["gradients"] = (0.0, "in host memory (offload_optimizer)")
         lines["optimizer_states"] = (0.0, "in host memory (offload_optimizer)")
     else:
+        shards = 1 if stage == 0 else n  # ZeRO-0 partitions nothing: every rank holds every state
         if stage == 2:
             grad = (e + FP32_GRAD_BYTES) * trainable / n
             grad_detail = f"({e} + {FP32_GRAD_BYTES}) B x {_millions(trainable)} / {n}"
         else:
-            grad = e * trainable + FP32_GRAD_BYTES * trainable / n
-            grad_detail = f"{e} B x {_millions(trainable)} + {FP32_GRAD_BYTES} B x {_millions(trainable)} / {n}"
+            grad = e * trainable + FP32_GRAD_BYTES * trainable / shards
+            grad_detail = f"{e} B x {_millions(trainable)} + {FP32_GRAD_BYTES} B x {_millions(trainable)} / {shards}"
         lines["gradients"] = (grad, grad_detail)
         lines["optimizer_states"] = (
-            FP32_MASTER_AND_ADAM_BYTES * trainable / n,
-            f"{FP32_MASTER_AND_ADAM_BYTES} B x {_millions(trainable)} / {n} (fp32 master + Adam m, v)",
+            FP32_MASTER_AND_ADAM_BYTES * trainable / shards,
+            f"{FP32_MASTER_AND_ADAM_BYTES} B x {_millions(trainable)} / {shards} (fp32 master + Adam m, v)",
         )
 
-    buffers = (2 if settings.overlap_comm else 1) if settings.contiguous_gradients and trainable else 0
-    buckets = buffers * settings.reduce_bucket_size * e
-    bucket_detail = f"{buffers} x {settings.reduce_bucket_size:.3g} x {e} B reduce buffer(s)"
+    buffers = (2 if settings.overlap_comm else 1) if settings.contiguous_gradients and trainable and stage else 0
+    bucket = bucket_elements(settings.reduce_bucket_size, trainable) if trainable else 0
+    buckets = buffers * bucket * e
+    bucket_detail = f"{buffers} x {bucket:.3g} x {e} B reduce buffer(s)"
     if settings.offload and trainable:
         largest = _largest_trainable(arch, settings, lora_linears)
         buckets += largest * e
@@ -865,6 +870,8 @@ def _notes(plan: MemoryPlan, arch: _Architecture) -> list[str]:
             f"the LM head projects at most {s.target_tokens} target positions per sample (model.max_target_tokens; "
             "a longer target is truncated, counted and logged)"
         )
+    if not s.offload and plan.params.trainable:
+        notes.append(_zero_note(plan, arch))
     e = 2 if s.dtype == "bf16" else 4
     reduce_buffers = (2 if s.overlap_comm else 1) * s.reduce_bucket_size * e / GIB
     if s.contiguous_gradients and plan.params.trainable and reduce_buffers > 0.5:
@@ -904,6 +911,25 @@ def _notes(plan: MemoryPlan, arch: _Architecture) -> list[str]:
     elif plan.max_micro_batch == MAX_MICRO_BATCH_SEARCH:
         notes.append(f"micro batches up to at least {MAX_MICRO_BATCH_SEARCH} fit (the search stops there)")
     return notes
+
+
+def _zero_note(plan: MemoryPlan, arch: _Architecture) -> str:
+    """When ZeRO-2 pays: what the same step needs at the other stages (``launch.zero_stage`` picks one)."""
+    s = plan.settings
+    totals = {
+        stage: _total_gib(dataclasses.replace(s, zero_stage=stage), arch, plan.image_tokens) for stage in (0, 1, 2)
+    }
+    saved = totals[0] - totals[2]
+    if totals[0] <= s.gpu_mem_gib and saved < 0.25 * s.gpu_mem_gib:
+        advice = (
+            f"ZeRO-2 saves only {saved:.2f} GiB here and ZeRO-0 fits (margin {s.gpu_mem_gib - totals[0]:.2f} GiB): "
+            "launch.zero_stage=0 (or 1) skips the partitioning work of every step (bench/results/trainer.md)"
+        )
+    else:
+        advice = f"ZeRO-2 pays here: it saves {saved:.2f} GiB per GPU over ZeRO-0" + (
+            "" if totals[0] <= s.gpu_mem_gib else ", which does not fit"
+        )
+    return f"ZeRO-0 / 1 / 2: {totals[0]:.2f} / {totals[1]:.2f} / {totals[2]:.2f} GiB per GPU; {advice}"
 
 
 def _total_gib(settings: PlanSettings, arch: _Architecture, image_tokens: int) -> float:
@@ -971,12 +997,12 @@ def plan_recipe(
         UserError: a missing model directory (see above), a DeepSpeed config that cannot be read, a family that
             does not match the config's model_type, or a named stage the recipe does not have.
     """
-    from rmpl_ds.ds_config import load_ds_config, zero_stage
+    from rmpl_ds.ds_config import recipe_ds_config, zero_stage
 
     model = recipe.model
     chosen = recipe.stage(stage) if stage is not None else max(recipe.stages, key=lambda s: s.micro_batch)
     name, config = _recipe_backbone(recipe)
-    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    ds_config = recipe_ds_config(recipe.launch)
     zero = ds_config.get("zero_optimization", {})
     offload = zero.get("offload_optimizer") or {}
     settings = PlanSettings(

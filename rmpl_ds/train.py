@@ -41,7 +41,7 @@ import torch
 from rmpl_ds import checkpoint, dist, engine, handoff
 from rmpl_ds.collate import model_inputs
 from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
-from rmpl_ds.ds_config import fill, load_ds_config, zero_stage
+from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.log import get_logger, setup_logging
 from rmpl_ds.loss import LossPath, forward_loss
@@ -132,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
     stage = recipe.stage(args.stage)
     paths = StageRun(recipe, stage, Path(args.out) if args.out else recipe.out_dir())
     timeout_s = engine.collective_timeout_s(args.collective_timeout)
-    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    ds_config = recipe_ds_config(recipe.launch)
     init_export = verify_init_export(paths)
     ref = checkpoint.find(paths.checkpoint_root, args.resume)
     if ref is not None:
         # DeepSpeed's files are pickles: they are re-hashed against the seal before anything of them is loaded.
         checkpoint.verify(ref)
-    from rmpl_ds.data import StageData, open_sources
+    from rmpl_ds.data import StageData, close_batches, open_sources
 
     shard_sets = open_sources(recipe, stage)
     faults = engine.Faults.from_env()
@@ -174,7 +174,13 @@ def run(args: argparse.Namespace) -> int:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=fill(ds_config, stage, plan, bf16=recipe.model.dtype == "bf16"),
+        config=fill(
+            ds_config,
+            stage,
+            plan,
+            bf16=recipe.model.dtype == "bf16",
+            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        ),
     )
 
     # ---- 6. resume
@@ -216,10 +222,12 @@ def run(args: argparse.Namespace) -> int:
                 stream_names,
                 loss_path=recipe.model.loss,
                 inject_nan=faults.nan_at(step + 1),
+                stop_requested=stop.requested,
             )
             step += 1
             health = health.after(step, skipped=metrics["skipped"])
             metrics.update(step=step, lr=lr, bad_steps=health.bad_steps, bad_steps_in_a_row=health.in_a_row)
+            metrics["elapsed_s"] = time.perf_counter() - began  # since this run's loop began (steps/s between lines)
             metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
             metrics["peak_memory_gib"] = peak_memory_gib(device)
             if device.type == "cuda":  # what the caching allocator holds (bench/gpu/ compares it with the planner)
@@ -235,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
                     stage.max_bad_steps,
                 )
             diverged = health.in_a_row >= stage.max_bad_steps
-            stopping = stop.agreed(device) or step == args.stop_after
+            stopping = metrics.pop("stop_requested") or step == args.stop_after
             if step % stage.checkpoint_every == 0 or step == stage.steps or stopping or diverged:
                 save(ds_engine, paths, step, data, step * plan.global_batch, health, faults)
                 last_saved = step
@@ -257,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return 0
     finally:
+        close_batches(batches)
         monitor.close()
         stop.restore()
     if last_saved != step:
@@ -360,58 +369,72 @@ def train_step(
     *,
     loss_path: LossPath = "target_only",
     inject_nan: bool = False,
+    stop_requested: bool = False,
 ) -> dict[str, Any]:
     """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
 
     A non-finite micro-batch loss on any rank makes every rank skip the whole optimizer step (see
     rmpl_ds.engine, "non-finite losses"); its micro-batches are still drawn, so the data stay where an
     uninterrupted run has them. ``loss_path`` is the recipe's ``model.loss`` (rmpl_ds.loss). ``inject_nan`` replaces
-    this rank's losses by NaN (fault injection in tests).
+    this rank's losses by NaN (fault injection in tests). ``stop_requested`` is this rank's stop request, agreed
+    with the others in the step's one reduction of its metrics.
+
+    The step costs one small all-reduce of its own (the metrics, the non-finite count and the stop requests, in
+    one vector) and one device-to-host copy, after the optimizer step: nothing waits for the host in between.
 
     Returns the step's metrics, reduced over ranks: total loss (the mean of the per-sample weighted losses),
-    loss per stream, throughput, the real-token fraction, and ``skipped``.
+    loss per stream, throughput, the real-token fraction, ``skipped`` and ``stop_requested`` (on any rank).
     """
     began = time.perf_counter()
     n_streams = len(stream_names)
-    # [loss sum per stream..., samples per stream..., weighted loss sum, samples, real tokens, padded tokens]
-    sums = [0.0] * (2 * n_streams + 4)
-    skipped = False
+    # [loss sum per stream..., samples per stream..., weighted loss sum, samples, non-finite micro-batches,
+    #  stop requests, real tokens, padded tokens]
+    sums = torch.zeros(2 * n_streams + 6, dtype=torch.float64, device=device)
+    real_tokens = slots = 0
     for _ in range(accumulation):
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
         parts = forward_loss(ds_engine, inputs, batch["labels"], batch["loss_weight"], path=loss_path)
         if inject_nan:
             parts = engine.Faults.nan_loss(parts)
-        # One flag per micro-batch, agreed by all ranks before any of them back-propagates.
-        skipped = engine.any_rank(not bool(torch.isfinite(parts.loss)), device) or skipped
-        ds_engine.backward(engine.poisoned(parts.loss) if skipped else parts.loss)
+        ds_engine.backward(engine.poison_non_finite(parts.loss))
         ds_engine.step()
-        for stream_index, sample_loss in zip(batch["stream_index"].tolist(), parts.sample_losses.tolist(), strict=True):
-            sums[stream_index] += sample_loss
-            sums[n_streams + stream_index] += 1
-        sums[-4] += parts.loss.item() * len(parts.sample_losses)
-        sums[-3] += len(parts.sample_losses)
-        mask = batch["attention_mask"]
-        sums[-2] += float(mask.sum())
-        sums[-1] += float(mask.numel())
-    if skipped:
-        engine.check_step_skipped(ds_engine)
-    total = engine.reduce_sums(sums, device)
+        streams = batch["stream_index"].to(device)
+        sample_losses = parts.sample_losses.to(torch.float64)
+        sums[:n_streams].index_add_(0, streams, sample_losses)
+        sums[n_streams : 2 * n_streams].index_add_(0, streams, torch.ones_like(sample_losses))
+        loss = parts.loss.detach().to(torch.float64)
+        sums[2 * n_streams] += loss * len(sample_losses)
+        sums[2 * n_streams + 1] += len(sample_losses)
+        sums[2 * n_streams + 2] += (~torch.isfinite(loss)).to(torch.float64)
+        real_tokens += batch["stats"].real_tokens
+        slots += batch["stats"].slots
+    sums[2 * n_streams + 3] = float(stop_requested)
+    sums[2 * n_streams + 4] = real_tokens
+    sums[2 * n_streams + 5] = slots
+    total = engine.reduce_sums(sums)
+    loss_sum, samples, non_finite, stops, real, padded = total[2 * n_streams :]
+    applied = ds_engine.was_step_applied()
+    if non_finite and applied:
+        engine.refuse_applied_non_finite_step()
     elapsed = time.perf_counter() - began
     loss_by_stream = {
         name: total[i] / total[n_streams + i] for i, name in enumerate(stream_names) if total[n_streams + i] > 0
     }
     grad_norm = ds_engine.get_global_grad_norm()
     return {
-        "loss": total[-4] / max(total[-3], 1.0),
+        "loss": loss_sum / max(samples, 1.0),
         "loss_by_stream": loss_by_stream,
         "stream_counts": {name: int(total[n_streams + i]) for i, name in enumerate(stream_names)},
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "samples_per_s": total[-3] / elapsed,
-        "tokens_per_s": total[-2] / elapsed,
-        "real_token_fraction": total[-2] / max(total[-1], 1.0),
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": real / elapsed,
+        "real_token_fraction": real / max(padded, 1.0),
         "step_time_s": elapsed,
-        "skipped": skipped,
+        # DeepSpeed skips a step whose reduced gradients are not finite, on every rank alike (its overflow check
+        # is collective); a non-finite loss anywhere makes that rank's gradients NaN (poison_non_finite)
+        "skipped": not applied,
+        "stop_requested": stops > 0,
     }
 
 

@@ -17,7 +17,7 @@ from rmpl_ds.config import (
     recipe_from_dict,
     to_dict,
 )
-from rmpl_ds.ds_config import check_ds_config, fill, load_ds_config
+from rmpl_ds.ds_config import bucket_elements, check_ds_config, fill, load_ds_config, recipe_ds_config, zero_stage
 from rmpl_ds.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +222,29 @@ def test_ds_config_rules_and_fill() -> None:
     assert filled["gradient_clipping"] == 1.0
     assert config["train_batch_size"] == "auto"  # the loaded file is not modified
     assert "auto" not in json.dumps(filled)
+
+
+def test_reduce_bucket_is_capped_at_the_trainable_parameters() -> None:
+    """DeepSpeed allocates the bucket (x2 with overlap_comm) at every backward: never larger than the gradients."""
+    recipe = recipe_from_dict(minimal())
+    config = load_ds_config(ROOT / "ds_configs" / "zero2.json")
+    plan = batch_plan(8, 2, 2)
+    small = fill(config, recipe.stages[0], plan, bf16=True, trainable_params=1_344_640)
+    assert small["zero_optimization"]["reduce_bucket_size"] == 1_344_640
+    lora_7b = fill(config, recipe.stages[0], plan, bf16=True, trainable_params=161_480_704)
+    assert lora_7b["zero_optimization"]["reduce_bucket_size"] == 50_000_000  # the file's value
+    assert fill(config, recipe.stages[0], plan, bf16=True)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert bucket_elements(5e8, 10) == 10 and bucket_elements(5e7, 0) == 1
+
+
+def test_launch_zero_stage_overrides_the_deepspeed_config() -> None:
+    default = recipe_from_dict(minimal())
+    assert default.launch.zero_stage is None
+    assert zero_stage(recipe_ds_config(default.launch)) == 2  # ds_configs/zero2.json
+    for stage in (0, 1, 2):
+        recipe = recipe_from_dict(minimal(), overrides=[f"launch.zero_stage={stage}"])
+        config = recipe_ds_config(recipe.launch)
+        assert zero_stage(config) == stage
+        assert config["zero_optimization"]["reduce_bucket_size"] == 50_000_000  # the rest of the file kept
+    with pytest.raises(ConfigError, match=r"launch\.zero_stage: must be 0, 1, 2 or null"):
+        recipe_from_dict(minimal(), overrides=["launch.zero_stage=3"])

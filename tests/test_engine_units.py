@@ -89,7 +89,6 @@ def test_graceful_stop_one_request_then_abort_on_a_later_signal() -> None:
         assert stop.requested and stop.signal_name == "SIGTERM"
         os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy: same request, no abort
         assert stop.requested
-        assert stop.agreed(torch.device("cpu"))
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -254,3 +253,50 @@ def test_handoff_export_is_verified(tmp_path: Path) -> None:
     assert not (tmp_path / "other" / "export").exists()
     assert not any(p.name.startswith(".export") for p in (tmp_path / "other").iterdir())
     assert not math.isnan(manifest["step"])
+
+
+def test_cpu_ranks_split_the_cores_and_keep_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the deepspeed launcher leaves unset on CPU ranks: one share of the cores each, and glibc padding."""
+    from rmpl_ds.engine import MALLOC_PAD_BYTES, configure_cpu_rank
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        applied = configure_cpu_rank({"LOCAL_SIZE": "2"})  # the deepspeed launcher's name
+        assert applied["threads"] == 4 and torch.get_num_threads() == 4
+        assert applied["malloc_top_pad"] == MALLOC_PAD_BYTES  # glibc (Linux) here
+        assert configure_cpu_rank({"LOCAL_WORLD_SIZE": "8"})["threads"] == 1  # torchrun's
+        # a user's OMP_NUM_THREADS or MALLOC_TOP_PAD_ wins
+        assert configure_cpu_rank({"OMP_NUM_THREADS": "3", "MALLOC_TOP_PAD_": "0"}) == {}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_non_finite_loss_poisons_every_gradient_and_a_finite_one_none() -> None:
+    from rmpl_ds.engine import poison_non_finite
+
+    for value, finite in ((2.0, True), (float("inf"), False), (float("nan"), False)):
+        weights = torch.ones(3, requires_grad=True)
+        poison_non_finite((weights * value).sum()).backward()
+        if finite:
+            assert weights.grad.tolist() == [2.0, 2.0, 2.0]  # exactly the plain gradient
+        else:
+            assert torch.isnan(weights.grad).all()
+
+
+def test_closing_the_batches_stops_the_loader_workers(tmp_path: Path) -> None:
+    """The slot stream never ends and workers ignore SIGTERM: the loop stops them itself, or exit would hang."""
+    from torch.utils.data import DataLoader
+
+    from rmpl_ds.data import _ignore_signals_in_worker, close_batches
+
+    loader = DataLoader(list(range(100)), batch_size=2, num_workers=1, worker_init_fn=_ignore_signals_in_worker)
+    batches = iter(loader)
+    next(batches)
+    workers = list(batches._workers)
+    assert workers and all(worker.is_alive() for worker in workers)
+    close_batches(batches)
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(worker.is_alive() for worker in workers)
+    close_batches(iter(DataLoader([1, 2])))  # no workers: nothing to stop

@@ -445,3 +445,18 @@ def test_cli_refuses_setup_flags_with_a_recipe(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "--mode, --seq-len: the recipe describes the setup" in err
     assert "Traceback" not in err
+
+
+def test_zero_stages_and_when_zero2_pays() -> None:
+    """ZeRO-0 keeps every trainable state whole, ZeRO-1 partitions the optimizer, ZeRO-2 the gradients too."""
+    lora = PlanSettings("qwen2-vl-7b", seq_len=2048, micro_batch=2)
+    trainable = plan_memory(lora).params.trainable
+    by_stage = {stage: plan_memory(dataclasses.replace(lora, zero_stage=stage)) for stage in (0, 1, 2)}
+    zero0 = by_stage[0].breakdown
+    assert zero0["gradients"] * GIB == pytest.approx(6 * trainable) and zero0["buckets"] == 0
+    assert zero0["optimizer_states"] * GIB == pytest.approx(12 * trainable)
+    assert by_stage[0].per_gpu_gib > by_stage[1].per_gpu_gib > by_stage[2].per_gpu_gib
+    note = next(note for note in by_stage[2].notes if note.startswith("ZeRO-0 / 1 / 2"))
+    assert "ZeRO-0 fits" in note and "launch.zero_stage=0" in note  # LoRA on 2 GPUs: a GiB is all ZeRO-2 saves
+    full = plan_memory(PlanSettings("qwen2-vl-7b", mode="full", gpus=8, gpu_mem_gib=80))
+    assert any("ZeRO-2 pays here" in note and "does not fit" in note for note in full.notes)

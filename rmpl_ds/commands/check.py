@@ -23,15 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rmpl_ds.config import batch_plan, load_recipe, to_dict
-    from rmpl_ds.ds_config import load_ds_config
+    from rmpl_ds.ds_config import recipe_ds_config, zero_stage
 
     recipe = load_recipe(args.recipe, args.overrides, world_size=args.gpus)
-    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    ds_config = recipe_ds_config(recipe.launch)
     world = args.gpus or recipe.launch.world_size
     if args.json:
         print(json.dumps(to_dict(recipe), indent=2))
         return 0
-    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    zero = zero_stage(ds_config)
     print(f"recipe {recipe.name}: {recipe.model.family} ({recipe.model.mode}) from {recipe.model.path}")
     print(f"  world size {world}, ZeRO-{zero} ({recipe.launch.deepspeed_config}), output {recipe.out_dir()}")
     for stage in recipe.stages:

@@ -80,7 +80,7 @@ def launcher_command(args: argparse.Namespace, gpus: int) -> list[str]:
 def preflight(args: argparse.Namespace) -> int:
     """Validate everything that can be checked before a process starts; returns the ranks per node."""
     from rmpl_ds.config import load_recipe
-    from rmpl_ds.ds_config import load_ds_config
+    from rmpl_ds.ds_config import recipe_ds_config
     from rmpl_ds.engine import collective_timeout_s
     from rmpl_ds.errors import UserError
 
@@ -89,7 +89,7 @@ def preflight(args: argparse.Namespace) -> int:
     nodes = _hostfile_nodes(args.hostfile) if args.hostfile else base.launch.nodes
     recipe = load_recipe(args.recipe, args.overrides, world_size=gpus * nodes)
     stage = recipe.stage(args.stage)
-    load_ds_config(recipe.launch.deepspeed_config)
+    recipe_ds_config(recipe.launch)
     collective_timeout_s(args.collective_timeout)
     sources = list(dict.fromkeys(s.source for s in stage.mixture))
     missing = [
