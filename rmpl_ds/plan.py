@@ -222,7 +222,7 @@ def settings_problems(settings: PlanSettings) -> list[str]:
     if settings.zero_stage not in SUPPORTED_ZERO_STAGES:
         problems.append(
             f"zero_stage: the planner models ZeRO-0, 1 and 2, got {settings.zero_stage} "
-            "(ZeRO-3 is not used here: it would shard the frozen base over PCIe without P2P, notes §5.5)"
+            "(ZeRO-3 is not used here: it would shard the frozen base over PCIe without P2P)"
         )
     if settings.dtype not in ("bf16", "fp32"):
         problems.append(f"dtype: must be bf16 or fp32, got {settings.dtype!r}")
@@ -799,10 +799,10 @@ def _breakdown(
         lines["dequant_buffer"] = (0.0, "")
 
     allocated = sum(value for value, _ in lines.values())
-    lines["cuda_context"] = (CUDA_CONTEXT_GIB * GIB, "context + cuBLAS workspace + NCCL (notes §3.1)")
+    lines["cuda_context"] = (CUDA_CONTEXT_GIB * GIB, "context + cuBLAS workspace + NCCL buffers")
     lines["allocator_reserve"] = (
         ALLOCATOR_RESERVE_FRACTION * allocated,
-        f"{ALLOCATOR_RESERVE_FRACTION:.0%} of the allocations (fragmentation, notes §3.1)",
+        f"{ALLOCATOR_RESERVE_FRACTION:.0%} of the allocations (fragmentation)",
     )
     params = TrainingParams(
         total=counts.total,
@@ -877,7 +877,7 @@ def _notes(plan: MemoryPlan, arch: _Architecture) -> list[str]:
     if s.contiguous_gradients and plan.params.trainable and reduce_buffers > 0.5:
         notes.append(
             f"the ZeRO reduce buckets take {reduce_buffers:.2f} GiB; reduce_bucket_size 5e7 (or "
-            "overlap_comm false) costs a fraction of that with no loss of speed under LoRA (notes §5.5)"
+            "overlap_comm false) costs a fraction of that with no loss of speed under LoRA"
         )
     if s.offload:
         host = plan.params.trainable * max(4 * s.gpus, 16) * 1.5 / GIB
@@ -899,7 +899,7 @@ def _notes(plan: MemoryPlan, arch: _Architecture) -> list[str]:
     if arch.vision.kind == "tiles" and plan.image_tokens > arch.vision.tokens_per_tile:
         notes.append(
             f"at {s.image_size} px InternVL's processor uses {plan.image_tokens // arch.vision.tokens_per_tile} tiles "
-            f"({plan.image_tokens} tokens); below 634 px it uses one (notes §1.4)"
+            f"({plan.image_tokens} tokens); below 634 px it uses one"
         )
     if s.mode == "full" and not plan.fits:
         notes.append(

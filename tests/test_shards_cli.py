@@ -157,7 +157,7 @@ def test_verify_catches_a_truncated_tar(demo_shards: Path, tmp_path: Path, capsy
     directory, tar_name = _copy(demo_shards, "swig", tmp_path)
     tar = directory / tar_name
     os.truncate(tar, tar.stat().st_size // 2)
-    assert main(["shards", "verify", str(directory)]) == 1
+    assert main(["shards", "verify", str(directory)]) == 2
     printed = capsys.readouterr().out
     assert f"{tar_name}: " in printed and "truncated" in printed
 
@@ -173,7 +173,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_member(
     data = bytearray(tar.read_bytes())
     data[offset + size // 2] ^= 0xFF
     tar.write_bytes(bytes(data))
-    assert main(["shards", "verify", str(directory)]) == 1
+    assert main(["shards", "verify", str(directory)]) == 2
     printed = capsys.readouterr().out
     assert f"{tar_name}: sha256 differs" in printed
     assert f"{tar_name}: member {key}.jpg: bytes differ" in printed

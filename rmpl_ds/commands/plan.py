@@ -2,7 +2,8 @@
 
 Either describe the setup (the defaults are the paper's: LoRA r=64, 2 GPUs of 24 GiB, ZeRO-2 with the package's
 ds_configs/zero2.json buckets, bf16, gradient checkpointing) or give a recipe, whose most demanding stage is
-planned with its DeepSpeed config. The physics is in rmpl_ds/plan.py's docstring (notes/MEMORY_AND_SPEED.md §3).
+planned with its DeepSpeed config. Every formula, with its source, is in the docstring of the rmpl_ds.plan module
+(`python -c "import rmpl_ds.plan; help(rmpl_ds.plan)"`).
 
 Examples:
   rmpl-ds plan --backbone qwen2-vl-7b --mode lora --gpus 2 --gpu-mem-gb 24 --seq-len 1024

@@ -21,8 +21,8 @@ whose every record needs its image (imsitu, swig, mnre) refuse --no-images.
 A build that yields no sample is an error (exit 2) that prints the skip reasons and writes nothing, so no set that
 looks complete but holds nothing is left behind (an existing set at --out is kept).
 
-`verify` re-hashes and re-indexes every shard and exits 1 naming each broken shard and member, or 2 for a set that
-holds no sample; `inspect` prints the manifest's counts.
+`verify` re-hashes and re-indexes every shard; a missing, damaged or empty set is bad input: exit 2, naming each
+broken shard and member. `inspect` prints the manifest's counts.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rmpl_ds.errors import UserError
+from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 
 if TYPE_CHECKING:
     from rmpl_ds.sources import Conversion
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-negatives", action="store_true", help="leave out records without an M2E2 event / relation"
     )
     verify = actions.add_parser(
-        "verify", help="re-hash and re-index a shard set; exit 1 naming what is broken, 2 for an empty set"
+        "verify", help="re-hash and re-index a shard set; exit 2 naming what is broken (or missing, or empty)"
     )
     verify.add_argument("directory", type=Path)
     inspect = actions.add_parser("inspect", help="print a shard set's counts from its manifest")
@@ -226,7 +226,7 @@ def _nothing_to_write(
 
 
 def verify(directory: Path) -> int:
-    """Print every problem :func:`rmpl_ds.shards.verify_shards` finds; 0 when there is none, else 1.
+    """Print every problem :func:`rmpl_ds.shards.verify_shards` finds; 0 when there is none, else 2 (bad input).
 
     Raises:
         UserError: the set is intact but holds no sample (nothing for a stage to read, and no build writes one).
@@ -242,7 +242,7 @@ def verify(directory: Path) -> int:
     print(f"{directory}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     for problem in problems:
         print(f"  {problem}")
-    return 1
+    return USER_ERROR_EXIT
 
 
 def skip_summary(skipped: list[Any]) -> dict[str, Any]:
