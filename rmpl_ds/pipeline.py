@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rmpl_ds import handoff
+from rmpl_ds import handoff, preflight
 from rmpl_ds.config import Recipe, load_recipe
 from rmpl_ds.errors import UserError
 from rmpl_ds.log import get_logger
@@ -43,6 +43,18 @@ def run_pipeline(
     gpus = gpus or base.launch.gpus
     recipe = load_recipe(recipe_path, overrides, world_size=gpus * base.launch.nodes)
     run_dir = Path(out) if out else recipe.out_dir()
+    # Every input of every stage and of the evaluation, before anything is built, trained or created.
+    scope = preflight.Scope(
+        stages=tuple(stage.name for stage in recipe.stages),
+        run_dir=run_dir,
+        world_size=gpus * recipe.launch.nodes,
+        verify_shards=False,  # each stage's `rmpl-ds train` re-hashes the sets it reads
+        build_shards=True,
+        evaluate=True,
+        gpu_memory_gib=preflight.gpu_memory_gib(),
+        force=force,
+    )
+    preflight.check_or_raise(recipe, scope)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     build_missing_shards(recipe)

@@ -1001,7 +1001,7 @@ def plan_recipe(
 
     model = recipe.model
     chosen = recipe.stage(stage) if stage is not None else max(recipe.stages, key=lambda s: s.micro_batch)
-    name, config = _recipe_backbone(recipe)
+    name, config = recipe_backbone(recipe)
     ds_config = recipe_ds_config(recipe.launch)
     zero = ds_config.get("zero_optimization", {})
     offload = zero.get("offload_optimizer") or {}
@@ -1035,7 +1035,7 @@ def plan_recipe(
     return dataclasses.replace(plan, notes=(stage_note, *plan.notes))
 
 
-def _recipe_backbone(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+def recipe_backbone(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     model = recipe.model
     model_type, full_size, checkpoint = FAMILIES[model.family]
     path = Path(model.path)

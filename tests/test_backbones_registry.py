@@ -43,7 +43,7 @@ def test_lora_settings_defaults_and_validation() -> None:
 
 
 def test_a_hub_name_is_refused_with_instructions() -> None:
-    with pytest.raises(UserError, match=r"not a local model directory.*never downloads.*build_tiny"):
+    with pytest.raises(UserError, match=r"not a local model directory.*never downloads.*hf download.*--tiny-model"):
         get_adapter("qwen2-vl").load_processor("Qwen/Qwen2-VL-7B-Instruct")
 
 

@@ -205,8 +205,8 @@ def test_train_refuses_a_model_directory_that_is_not_a_hugging_face_one(
     recipe = write_recipe(tmp_path / "recipe.yaml", model, {s: demo["shards"] / s for s in TRAIN_SOURCES})
     error = refused(capsys, cli(["train", str(recipe), "--stage", "stage1", "--out", str(tmp_path / "run")]))
     expected = {
-        "missing": f"{str(model)!r} is not a local model directory",
-        "no-config": f"{model}: no config.json; expected a Hugging Face model directory",
+        "missing": f"model.path: {model} does not exist. Download the weights once",
+        "no-config": f"model.path: {model} has no config.json. Download the weights once",
         "broken-config": f"model.path: {model}: not a loadable Hugging Face qwen2-vl directory",
     }[kind]
     assert expected in error

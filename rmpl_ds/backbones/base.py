@@ -557,9 +557,9 @@ class BackboneAdapter:
             raise UserError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
         raise UserError(
             f"{str(path)!r} is not a local model directory. This package never downloads weights: fetch the "
-            "checkpoint on a machine with hub access (e.g. `huggingface-cli download Qwen/Qwen2-VL-7B-Instruct "
-            "--local-dir /models/Qwen2-VL-7B-Instruct`), copy the directory here and pass its path; for tests and "
-            "demos build a tiny offline model with `rmpl_ds.backbones.tiny.build_tiny(family, out_dir)`"
+            "checkpoint once on a machine with hub access (e.g. `hf download Qwen/Qwen2-VL-7B-Instruct --local-dir "
+            "models/Qwen2-VL-7B-Instruct`; the hf command comes with huggingface_hub) and pass its path; for a tiny "
+            "offline model to try things with, `rmpl-ds demo-data --out DIR --tiny-model MODEL_DIR`"
         )
 
     # ------------------------------------------------------------------ encoding

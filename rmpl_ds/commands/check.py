@@ -1,9 +1,14 @@
-"""Validate a recipe (and its DeepSpeed config) and print what it resolves to.
+"""Validate a recipe (and its DeepSpeed config) and print what it resolves to; with --deep, also every file the
+run will read or write.
 
-Every problem is listed with its key path; the exit code is 2 when there is any. Overrides are
-``key.path=value`` pairs, as for `rmpl-ds train`:
+Every problem is listed with its key path; the exit code is 2 when there is any. Without --deep only the recipe
+itself is checked. --deep runs the checks `rmpl-ds pipeline` runs before it starts (rmpl_ds.preflight): the model
+directory, every shard set re-hashed (or, missing, its raw input for the pipeline to build), the M2E2 annotations
+and images of the evaluation, room in the output directory for the planned checkpoints, and on a GPU host the
+memory planner's verdict. Nothing is created. Overrides are ``key.path=value`` pairs, as for `rmpl-ds train`:
 
     rmpl-ds check launch/recipes/rmpl_qwen2vl_7b.yaml stages.stage2.lr=2e-5 --gpus 4
+    rmpl-ds check launch/recipes/rmpl_qwen2vl_7b.yaml --deep
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     parser.add_argument("--gpus", type=int, default=None, help="world size to check against (default: the recipe's)")
     parser.add_argument("--json", action="store_true", help="print the resolved recipe as JSON")
+    parser.add_argument(
+        "--deep",
+        action="store_true",
+        help="also check the model directory, shard sets, evaluation data and output space (nothing is created)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,5 +56,21 @@ def run(args: argparse.Namespace) -> int:
             f"    batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} "
             f"x world {plan.world_size}; mixture {mix}"
         )
-    print("ok")
+    if not args.deep:
+        print("ok (the recipe; --deep also checks the model, shards, evaluation data and output space)")
+        return 0
+    from rmpl_ds import preflight
+
+    scope = preflight.Scope(
+        stages=tuple(stage.name for stage in recipe.stages),
+        run_dir=recipe.out_dir(),
+        world_size=world,
+        build_shards=True,
+        evaluate=recipe.evaluation.m2e2 is not None or recipe.evaluation.images is not None,
+        gpu_memory_gib=preflight.gpu_memory_gib(),
+    )
+    preflight.check_or_raise(recipe, scope)
+    needed = preflight.planned_bytes(recipe, recipe.stages)
+    space = f"; checkpoints and exports need about {needed / preflight.GIB:.1f} GiB" if needed is not None else ""
+    print(f"ok: model, shard sets{', evaluation data' if scope.evaluate else ''} and output directory{space}")
     return 0

@@ -4,12 +4,13 @@
     rmpl-ds train RECIPE --stage stage2 --resume auto stages.stage2.lr=2e-5
     rmpl-ds train RECIPE --stage stage1 --hostfile launch/hostfile.example --gpus 8   # several nodes
 
-Before anything starts, the recipe is validated for the world size (gpus per node x nodes), the model directory
-must be a Hugging Face one of the recipe's family, every shard set the stage reads is verified in full (re-hashed
-and re-indexed, as `rmpl-ds shards verify` does; ``--skip-shard-verify`` leaves that to the ranks' quick checks of
-manifests, indexes and sizes) and, on a GPU host, the memory planner must say the stage fits the card (``--force``
-overrides). A problem stops here with exit 2, before any process starts. The launched command is
-``deepspeed --num_gpus N [--hostfile F] --module rmpl_ds.train RECIPE --stage NAME ...``.
+Before anything starts, the recipe is validated for the world size (gpus per node x nodes) and rmpl_ds.preflight
+checks, listing every problem at once: the model directory (a Hugging Face one of the recipe's family), the
+``init_from`` export of a stage started alone, every shard set the stage reads in full (re-hashed and re-indexed, as
+`rmpl-ds shards verify` does; ``--skip-shard-verify`` leaves that to the ranks' quick checks of manifests, indexes
+and sizes), room for the checkpoints in the output directory and, on a GPU host, the memory planner's verdict
+(``--force`` overrides). A problem stops here with exit 2, before any process or run folder exists. The launched
+command is ``deepspeed --num_gpus N [--hostfile F] --module rmpl_ds.train RECIPE --stage NAME ...``.
 
 Resume: ``--resume auto`` (the default) continues from the newest complete checkpoint of the stage, ``--resume
 PATH`` from a given checkpoint directory, ``--resume none`` starts over. Checkpoints are verified against the
@@ -78,73 +79,30 @@ def launcher_command(args: argparse.Namespace, gpus: int) -> list[str]:
 
 
 def preflight(args: argparse.Namespace) -> int:
-    """Validate everything that can be checked before a process starts; returns the ranks per node."""
+    """Validate everything that can be checked before a process starts (rmpl_ds.preflight, every problem at once);
+    returns the ranks per node."""
+    from rmpl_ds import preflight as checks
     from rmpl_ds.config import load_recipe
     from rmpl_ds.ds_config import recipe_ds_config
     from rmpl_ds.engine import collective_timeout_s
-    from rmpl_ds.errors import UserError
 
     base = load_recipe(args.recipe, args.overrides)
     gpus = args.gpus or base.launch.gpus
     nodes = _hostfile_nodes(args.hostfile) if args.hostfile else base.launch.nodes
     recipe = load_recipe(args.recipe, args.overrides, world_size=gpus * nodes)
-    stage = recipe.stage(args.stage)
+    recipe.stage(args.stage)
     recipe_ds_config(recipe.launch)
     collective_timeout_s(args.collective_timeout)
-    sources = list(dict.fromkeys(s.source for s in stage.mixture))
-    missing = [
-        f"{source} ({recipe.sources[source]})"
-        for source in sources
-        if not (Path(recipe.sources[source]) / "manifest.json").is_file()
-    ]
-    if missing:
-        raise UserError(
-            f"stage {stage.name}: no shards for {', '.join(missing)}; build them with `rmpl-ds shards build`"
-        )
-    if stage.init_from is None:
-        check_model_dir(recipe.model.family, recipe.model.path)
-    if not args.skip_shard_verify:
-        for source in sources:
-            verify_source(source, Path(recipe.sources[source]))
-    import torch
-
-    if torch.cuda.is_available():
-        from rmpl_ds.plan import check_fits
-
-        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        check_fits(recipe, gpus * nodes, gpu_mem_gib=memory_gib, force=args.force, stage=stage.name)
+    scope = checks.Scope(
+        stages=(args.stage,),
+        run_dir=Path(args.out) if args.out else recipe.out_dir(),
+        world_size=gpus * nodes,
+        verify_shards=not args.skip_shard_verify,
+        gpu_memory_gib=checks.gpu_memory_gib(),
+        force=args.force,
+    )
+    checks.check_or_raise(recipe, scope)
     return gpus
-
-
-def check_model_dir(family: str, path: str) -> None:
-    """The base model is a local Hugging Face directory of ``family`` (config, tokenizer, processor load)."""
-    from rmpl_ds.backbones import get_adapter
-    from rmpl_ds.errors import UserError
-
-    try:
-        get_adapter(family).load_processor(path)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError) as error:  # transformers' errors for a broken or foreign directory
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"model.path: {path}: not a loadable Hugging Face {family} directory: {first_line}") from None
-
-
-def verify_source(name: str, directory: Path) -> None:
-    """Re-hash and re-index a shard set (what `rmpl-ds shards verify` does); UserError naming shard and member."""
-    from rmpl_ds.errors import UserError
-    from rmpl_ds.log import get_logger
-    from rmpl_ds.shards import verify_shards
-
-    get_logger("rmpl_ds.train").info("verifying the shards of %s in %s (--skip-shard-verify to skip)", name, directory)
-    problems = verify_shards(directory)
-    if problems:
-        listed = "\n".join(f"  {problem}" for problem in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise UserError(
-            f"sources.{name}: {directory} is damaged ({len(problems)} problems); rebuild it with `rmpl-ds shards "
-            f"build` (nothing was started):\n{listed}{more}"
-        )
 
 
 def _hostfile_nodes(hostfile: str) -> int:
