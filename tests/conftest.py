@@ -2,10 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypothesis (test_collate, test_mixing, test_plan, test_scorer, test_tasks): no example database, and its caches in
+# a temporary directory removed at the end of the session, so that nothing is written into the repository.
+
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="rmpl-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+settings.register_profile("rmpl", database=None)
+settings.load_profile("rmpl")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real dataset samples (test_sources_*, test_shards_cli, test_tasks, test_scorer, test_report): the project's
+# shared/fixtures/real, found in one place. $RMPL_SHARED_DIR wins (the mutation harness runs the suite in a copy of
+# the repository); else shared/ beside the repository, or inside it.
+
+SHARED_ENV = "RMPL_SHARED_DIR"
+
+
+@pytest.fixture(scope="session")
+def real_fixtures() -> Path:
+    """``shared/fixtures/real``: samples of the real ACE 2005, imSitu, SWiG, MNRE and M2E2 files (read-only)."""
+    candidates = (
+        [Path(os.environ[SHARED_ENV])] if os.environ.get(SHARED_ENV) else [ROOT.parent / "shared", ROOT / "shared"]
+    )
+    shared = next((path for path in candidates if (path / "fixtures" / "real").is_dir()), None)
+    if shared is None:
+        pytest.fail(
+            f"no fixtures/real in {' or '.join(map(str, candidates))}; set ${SHARED_ENV} to the project's shared/"
+        )
+    return shared / "fixtures" / "real"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backbones: tiny offline model directories (rmpl_ds.backbones.tiny), built at most once per session and family.

@@ -19,15 +19,15 @@ from rmpl_ds.evaluate.report import (
 )
 from rmpl_ds.sources.m2e2 import M2E2Gold, load_m2e2
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-M2E2_SAMPLE = FIXTURES / "m2e2"
+
+@pytest.fixture(scope="session")
+def m2e2_sample(real_fixtures: Path) -> Path:
+    return real_fixtures / "m2e2"
 
 
 @pytest.fixture(scope="module")
-def sample() -> M2E2Gold:
-    return load_m2e2(M2E2_SAMPLE, strict=True)
+def sample(m2e2_sample: Path) -> M2E2Gold:
+    return load_m2e2(m2e2_sample, strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_tensorboard_accepts_a_writer(results: dict[str, dict[str, Any]]) -> Non
 
 
 def test_score_command_writes_a_side_by_side_report(
-    sample: M2E2Gold, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    m2e2_sample: Path, sample: M2E2Gold, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gold = gold_as_predictions(sample)
     oracle = write_predictions(tmp_path / "oracle.jsonl", gold)
@@ -131,7 +131,7 @@ def test_score_command_writes_a_side_by_side_report(
     out = tmp_path / "out"
     code = main(
         [
-            "score", "--gold", str(M2E2_SAMPLE), "--pred", str(oracle), "--pred", f"few={partial}",
+            "score", "--gold", str(m2e2_sample), "--pred", str(oracle), "--pred", f"few={partial}",
             "--report-dir", str(out), "--json",
         ]
     )  # fmt: skip

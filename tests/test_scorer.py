@@ -47,10 +47,11 @@ from rmpl_ds.records import (
 )
 from rmpl_ds.sources.m2e2 import M2E2Gold, load_m2e2
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-M2E2_SAMPLE = FIXTURES / "m2e2"
+
+@pytest.fixture(scope="session")
+def m2e2_sample(real_fixtures: Path) -> Path:
+    return real_fixtures / "m2e2"
+
 
 TOP_KEYS = {
     "event_mention",
@@ -64,8 +65,8 @@ TOP_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def sample() -> M2E2Gold:
-    return load_m2e2(M2E2_SAMPLE, strict=True)
+def sample(m2e2_sample: Path) -> M2E2Gold:
+    return load_m2e2(m2e2_sample, strict=True)
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -205,9 +206,10 @@ def test_gold_counts_of_the_real_sample(sample: M2E2Gold) -> None:
 
 
 def test_empty_prediction_scores_zero_with_the_gold_unit_counts(
+    m2e2_sample: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, out, _ = run_cli(["score", "--gold", str(M2E2_SAMPLE), "--pred", os.devnull, "--json"], capsys)
+    code, out, _ = run_cli(["score", "--gold", str(m2e2_sample), "--pred", os.devnull, "--json"], capsys)
     assert code == 0
     scores = json.loads(out)
     assert set(scores) == TOP_KEYS
@@ -244,10 +246,10 @@ def test_empty_prediction_scores_zero_with_the_gold_unit_counts(
 
 
 def test_gold_as_prediction_scores_100_everywhere(
-    sample: M2E2Gold, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    m2e2_sample: Path, sample: M2E2Gold, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_predictions(tmp_path / "gold.jsonl", gold_as_predictions(sample))
-    code, out, _ = run_cli(["score", "--gold", str(M2E2_SAMPLE), "--pred", str(path), "--json"], capsys)
+    code, out, _ = run_cli(["score", "--gold", str(m2e2_sample), "--pred", str(path), "--json"], capsys)
     assert code == 0
     scores = json.loads(out)
     for name, block in every_score(scores).items():
@@ -713,23 +715,25 @@ def test_malformed_lines_name_the_file_and_line(tmp_path: Path, line: str, messa
     assert len(skipped.skipped) == 1 and skipped.skipped[0].startswith(f"{path}:3: ")
 
 
-def test_cli_errors_exit_2_and_skipped_lines_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors_exit_2_and_skipped_lines_are_counted(
+    m2e2_sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "pred.jsonl"
     path.write_text('{"sentence_id": "s", "event_type": "Life:Die"}\n{"sentence_id": 3}\n')
-    code, _, err = run_cli(["score", "--gold", str(M2E2_SAMPLE), "--pred", str(path)], capsys)
+    code, _, err = run_cli(["score", "--gold", str(m2e2_sample), "--pred", str(path)], capsys)
     assert code == 2
     assert f"{path}:2: " in err
     code, out, err = run_cli(
-        ["score", "--gold", str(M2E2_SAMPLE), "--pred", str(path), "--skip-bad-lines", "--json"], capsys
+        ["score", "--gold", str(m2e2_sample), "--pred", str(path), "--skip-bad-lines", "--json"], capsys
     )
     assert code == 0
     assert json.loads(out)["predictions"]["skipped_lines"] == 1
     assert f"skipped {path}:2: " in err
-    code, _, err = run_cli(["score", "--gold", str(M2E2_SAMPLE), "--pred", str(path), "--iou-threshold", "0"], capsys)
+    code, _, err = run_cli(["score", "--gold", str(m2e2_sample), "--pred", str(path), "--iou-threshold", "0"], capsys)
     assert code == 2 and "--iou-threshold" in err
     code, _, err = run_cli(["score", "--gold", str(tmp_path), "--pred", os.devnull], capsys)
     assert code == 2 and "missing M2E2 file" in err
-    code, _, err = run_cli(["score", "--gold", str(M2E2_SAMPLE), "--pred", str(tmp_path / "absent.jsonl")], capsys)
+    code, _, err = run_cli(["score", "--gold", str(m2e2_sample), "--pred", str(tmp_path / "absent.jsonl")], capsys)
     assert code == 2 and "cannot read the predictions" in err
 
 

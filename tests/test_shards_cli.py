@@ -17,9 +17,6 @@ from rmpl_ds.records import ImageRecord, RelationPair, from_json
 from rmpl_ds.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, ShardSet
 from rmpl_ds.sources.demo import write_demo
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
 DEMO_SIZE = 16
 DEMO_SOURCES = {
     "ace": ("ace", None),
@@ -60,12 +57,12 @@ def demo_shards(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shards
 
 
-def test_ace_fixtures_build_byte_identical_shards(tmp_path: Path) -> None:
+def test_ace_fixtures_build_byte_identical_shards(real_fixtures: Path, tmp_path: Path) -> None:
     raw = tmp_path / "ace"
     raw.mkdir()
-    shutil.copy(FIXTURES / "ace2005" / "JMEE" / "sample.json", raw / "train.json")
-    shutil.copy(FIXTURES / "ace2005" / "nlpcl-lab_ace2005-preprocessing" / "sample.json", raw / "dev.json")
-    shutil.copy(FIXTURES / "ace2005" / "oneie_format" / "example.oneie.json", raw / "test.oneie.json")
+    shutil.copy(real_fixtures / "ace2005" / "JMEE" / "sample.json", raw / "train.json")
+    shutil.copy(real_fixtures / "ace2005" / "nlpcl-lab_ace2005-preprocessing" / "sample.json", raw / "dev.json")
+    shutil.copy(real_fixtures / "ace2005" / "oneie_format" / "example.oneie.json", raw / "test.oneie.json")
     assert build("ace", raw, tmp_path / "first", None, "--shard-size", "2") == 0
     assert build("ace", raw, tmp_path / "second", None, "--shard-size", "2") == 0
     assert files(tmp_path / "first") == files(tmp_path / "second")
@@ -83,7 +80,7 @@ def test_ace_fixtures_build_byte_identical_shards(tmp_path: Path) -> None:
     assert [record.split for record in records] == ["dev", "test", "train"]
 
 
-def test_m2e2_fixture_counts_reach_the_manifest(tmp_path: Path) -> None:
+def test_m2e2_fixture_counts_reach_the_manifest(real_fixtures: Path, tmp_path: Path) -> None:
     # M2E2 publishes no images: blank stand-ins for two images (as large as their boxes need), one too small for
     # its boxes, none for the other 19.
     images = tmp_path / "image"
@@ -91,7 +88,7 @@ def test_m2e2_fixture_counts_reach_the_manifest(tmp_path: Path) -> None:
     Image.new("L", (1783, 1631), 128).save(images / "VOA_EN_NW_2015.11.26.3074855_1.jpg")
     Image.new("RGB", (1444, 1344), "white").save(images / "VOA_EN_NW_2016.12.14.3635600_5.jpg")
     Image.new("RGB", (500, 500), "white").save(images / "VOA_EN_NW_2017.04.05.3797975_4.jpg")
-    assert build("m2e2", FIXTURES / "m2e2", tmp_path / "shards", images) == 0
+    assert build("m2e2", real_fixtures / "m2e2", tmp_path / "shards", images) == 0
     written = manifest(tmp_path / "shards")
     assert written["samples"] == 28 + 2 + 12
     assert written["counts"]["m2e2"]["sentences"] == 28 and written["counts"]["m2e2"]["image_boxes"] == 6

@@ -17,10 +17,12 @@ from rmpl_ds.records import TextArgument, Trigger
 from rmpl_ds.sources import SOURCES, SourceError
 from rmpl_ds.sources import base as reasons
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-ACE = FIXTURES / "ace2005"
+
+@pytest.fixture(scope="session")
+def ace_dir(real_fixtures: Path) -> Path:
+    return real_fixtures / "ace2005"
+
+
 convert = SOURCES["ace"]
 
 ATTACK_SENTENCE = {
@@ -57,8 +59,8 @@ def test_ontology_maps_33_ace_types_onto_the_8_m2e2_types() -> None:
     assert kept == {event_type: event_type for event_type in EVENT_TYPES}
 
 
-def test_nlpcl_lab_sample_becomes_a_negative() -> None:
-    conversion = convert(ACE / "nlpcl-lab_ace2005-preprocessing")  # data_list.csv beside it is not read
+def test_nlpcl_lab_sample_becomes_a_negative(ace_dir: Path) -> None:
+    conversion = convert(ace_dir / "nlpcl-lab_ace2005-preprocessing")  # data_list.csv beside it is not read
     assert conversion.format == "nlpcl-lab"
     assert conversion.skipped == []
     (sentence,) = conversion.records
@@ -68,12 +70,12 @@ def test_nlpcl_lab_sample_becomes_a_negative() -> None:
     assert conversion.counts["dropped_event_types"] == {"Personnel:End-Position": 1}
     assert conversion.counts["negatives"] == 1
 
-    dropped = convert(ACE / "nlpcl-lab_ace2005-preprocessing", keep_negatives=False)
+    dropped = convert(ace_dir / "nlpcl-lab_ace2005-preprocessing", keep_negatives=False)
     assert dropped.records == [] and dropped.counts["negatives_dropped"] == 1
 
 
-def test_jmee_sample_keeps_die_and_drops_the_time_role() -> None:
-    conversion = convert(ACE / "JMEE")  # the new_filelist_ACE_* split lists have no .json suffix
+def test_jmee_sample_keeps_die_and_drops_the_time_role(ace_dir: Path) -> None:
+    conversion = convert(ace_dir / "JMEE")  # the new_filelist_ACE_* split lists have no .json suffix
     assert conversion.format == "jmee"
     (sentence,) = conversion.records
     assert len(sentence.tokens) == 35
@@ -88,8 +90,8 @@ def test_jmee_sample_keeps_die_and_drops_the_time_role() -> None:
     assert conversion.counts["by_event_type"] == {"Life:Die": 1}
 
 
-def test_oneie_sample_resolves_ids_and_drops_justice_types() -> None:
-    conversion = convert(ACE / "oneie_format" / "example.oneie.json")
+def test_oneie_sample_resolves_ids_and_drops_justice_types(ace_dir: Path) -> None:
+    conversion = convert(ace_dir / "oneie_format" / "example.oneie.json")
     assert conversion.format == "oneie"
     (sentence,) = conversion.records
     assert sentence.id == "AFP_ENG_20030427.0118-1"
@@ -98,8 +100,8 @@ def test_oneie_sample_resolves_ids_and_drops_justice_types() -> None:
     assert conversion.counts["dropped_event_types"] == {"Justice:Convict": 1, "Justice:Sentence": 1}
 
 
-def test_oneie_arguments_are_resolved_through_entity_ids(tmp_path: Path) -> None:
-    line = json.loads((ACE / "oneie_format" / "example.oneie.json").read_text())
+def test_oneie_arguments_are_resolved_through_entity_ids(ace_dir: Path, tmp_path: Path) -> None:
+    line = json.loads((ace_dir / "oneie_format" / "example.oneie.json").read_text())
     line["event_mentions"][0]["event_type"] = "Justice:Arrest-Jail"
     line["event_mentions"][0]["arguments"] = [
         {"entity_id": "AFP_ENG_20030427.0118-E39-56", "text": "police", "role": "Agent"},
@@ -118,8 +120,8 @@ def test_oneie_arguments_are_resolved_through_entity_ids(tmp_path: Path) -> None
     )
 
 
-def test_directory_of_split_files(tmp_path: Path) -> None:
-    negative = json.loads((ACE / "nlpcl-lab_ace2005-preprocessing" / "sample.json").read_text())[0]
+def test_directory_of_split_files(ace_dir: Path, tmp_path: Path) -> None:
+    negative = json.loads((ace_dir / "nlpcl-lab_ace2005-preprocessing" / "sample.json").read_text())[0]
     write_json(tmp_path / "train.json", [ATTACK_SENTENCE, negative])
     write_json(tmp_path / "dev.json", [ATTACK_SENTENCE])
     write_json(tmp_path / "test.json", [negative])
@@ -186,8 +188,8 @@ def test_malformed_json_names_the_line(tmp_path: Path) -> None:
         convert(path)
 
 
-def test_a_non_utf8_line_of_oneie_json_lines_is_one_skipped_record(tmp_path: Path) -> None:
-    good = (ACE / "oneie_format" / "example.oneie.json").read_bytes().strip()
+def test_a_non_utf8_line_of_oneie_json_lines_is_one_skipped_record(ace_dir: Path, tmp_path: Path) -> None:
+    good = (ace_dir / "oneie_format" / "example.oneie.json").read_bytes().strip()
     other = json.loads(good)
     other["sent_id"] = "other-1"
     path = tmp_path / "train.oneie.json"
@@ -206,8 +208,8 @@ def test_a_non_utf8_line_of_oneie_json_lines_is_one_skipped_record(tmp_path: Pat
         convert(array)
 
 
-def test_oneie_bad_lines_are_skipped_with_their_line_numbers(tmp_path: Path) -> None:
-    good = (ACE / "oneie_format" / "example.oneie.json").read_text().strip()
+def test_oneie_bad_lines_are_skipped_with_their_line_numbers(ace_dir: Path, tmp_path: Path) -> None:
+    good = (ace_dir / "oneie_format" / "example.oneie.json").read_text().strip()
     unknown_entity = json.loads(good)
     unknown_entity["sent_id"] = "other-1"
     unknown_entity["event_mentions"][0]["event_type"] = "Life:Die"
@@ -226,8 +228,8 @@ def test_oneie_bad_lines_are_skipped_with_their_line_numbers(tmp_path: Path) -> 
         convert(path, strict=True)
 
 
-def test_duplicate_sentence_ids_are_skipped(tmp_path: Path) -> None:
-    line = (ACE / "oneie_format" / "example.oneie.json").read_text().strip()
+def test_duplicate_sentence_ids_are_skipped(ace_dir: Path, tmp_path: Path) -> None:
+    line = (ace_dir / "oneie_format" / "example.oneie.json").read_text().strip()
     path = tmp_path / "x.oneie.json"
     path.write_text(f"{line}\n{line}\n")
     conversion = convert(path)

@@ -21,10 +21,11 @@ from rmpl_ds.records import VisualArgument
 from rmpl_ds.sources import SOURCES, SourceError
 from rmpl_ds.sources import base as reasons
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-IMSITU = FIXTURES / "imsitu"
+
+@pytest.fixture(scope="session")
+def imsitu_dir(real_fixtures: Path) -> Path:
+    return real_fixtures / "imsitu"
+
 
 HANDCUFFING = {
     "verb": "handcuffing",
@@ -39,17 +40,17 @@ HANDCUFFING = {
 }
 
 
-def swig_dir(tmp_path: Path, records: dict, *, space: bool = True, name: str = "dev.json") -> Path:
+def swig_dir(imsitu_dir: Path, tmp_path: Path, records: dict, *, space: bool = True, name: str = "dev.json") -> Path:
     directory = tmp_path / "SWiG_jsons"
     directory.mkdir(exist_ok=True)
     (directory / name).write_text(json.dumps(records))
     if space:
-        shutil.copy(IMSITU / "imsitu_space.json", directory / "imsitu_space.json")
+        shutil.copy(imsitu_dir / "imsitu_space.json", directory / "imsitu_space.json")
     return directory
 
 
-def test_packaged_mapping_is_the_real_file() -> None:
-    assert resources.read_text("ace_sr_mapping.txt") == (FIXTURES / "m2e2" / "ace_sr_mapping.txt").read_text()
+def test_packaged_mapping_is_the_real_file(real_fixtures: Path) -> None:
+    assert resources.read_text("ace_sr_mapping.txt") == (real_fixtures / "m2e2" / "ace_sr_mapping.txt").read_text()
 
 
 def test_mapping_quirks() -> None:
@@ -92,8 +93,8 @@ def test_mapping_parser_tolerates_crlf_and_rejects_bad_rows() -> None:
         parse_verb_mappings("arresting agent")
 
 
-def test_imsitu_fixture_counts() -> None:
-    conversion = SOURCES["imsitu"](IMSITU)
+def test_imsitu_fixture_counts(imsitu_dir: Path) -> None:
+    conversion = SOURCES["imsitu"](imsitu_dir)
     assert conversion.format == "imsitu" and conversion.skipped == []
     counts = conversion.counts
     assert counts["records"] == 36
@@ -120,12 +121,14 @@ def test_imsitu_fixture_counts() -> None:
     assert by_id["hitchhiking_238.jpg"].events == ()
     assert by_id["handcuffing_26.jpg"].width == 0  # imSitu has no size and no image was given
 
-    without = SOURCES["imsitu"](IMSITU, keep_negatives=False)
+    without = SOURCES["imsitu"](imsitu_dir, keep_negatives=False)
     assert len(without.records) == 24 and without.counts["negatives_dropped"] == 12
 
 
-def test_swig_readme_record_with_and_without_the_space_file(tmp_path: Path) -> None:
-    alone = SOURCES["swig"](FIXTURES / "swig" / "README_example_dev.json")
+def test_swig_readme_record_with_and_without_the_space_file(
+    imsitu_dir: Path, real_fixtures: Path, tmp_path: Path
+) -> None:
+    alone = SOURCES["swig"](real_fixtures / "swig" / "README_example_dev.json")
     assert alone.format == "swig" and alone.counts["imsitu_space"] is False
     (record,) = alone.records
     assert (record.id, record.split, record.width, record.height, record.source) == (
@@ -137,13 +140,13 @@ def test_swig_readme_record_with_and_without_the_space_file(tmp_path: Path) -> N
     )
     assert record.events == () and alone.counts["unmapped_verbs"] == {"hitchhiking": 1}
 
-    example = json.loads((FIXTURES / "swig" / "README_example_dev.json").read_text())
-    with_space = SOURCES["swig"](swig_dir(tmp_path, example))
+    example = json.loads((real_fixtures / "swig" / "README_example_dev.json").read_text())
+    with_space = SOURCES["swig"](swig_dir(imsitu_dir, tmp_path, example))
     assert with_space.counts["imsitu_space"] is True and len(with_space.records) == 1
 
 
-def test_swig_boxes_and_the_ungrounded_marker(tmp_path: Path) -> None:
-    conversion = SOURCES["swig"](swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING}, name="test.json"))
+def test_swig_boxes_and_the_ungrounded_marker(imsitu_dir: Path, tmp_path: Path) -> None:
+    conversion = SOURCES["swig"](swig_dir(imsitu_dir, tmp_path, {"handcuffing_26.jpg": HANDCUFFING}, name="test.json"))
     (record,) = conversion.records
     (event,) = record.events
     # agent -> Agent with its box; victim -> Person, [-1,-1,-1,-1] = not grounded; place is not an image role.
@@ -152,10 +155,10 @@ def test_swig_boxes_and_the_ungrounded_marker(tmp_path: Path) -> None:
     assert conversion.counts["dropped_roles"] == {"Place": 1}
 
 
-def test_noun_gloss_is_the_majority_vote(tmp_path: Path) -> None:
-    space = json.loads((IMSITU / "imsitu_space.json").read_text())
+def test_noun_gloss_is_the_majority_vote(imsitu_dir: Path, tmp_path: Path) -> None:
+    space = json.loads((imsitu_dir / "imsitu_space.json").read_text())
     space["nouns"]["n10287213"] = {"gloss": ["man", "adult male"], "def": "an adult person who is male"}
-    directory = swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
+    directory = swig_dir(imsitu_dir, tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
     (directory / "imsitu_space.json").write_text(json.dumps(space))
     (record,) = SOURCES["swig"](directory).records
     assert [argument.noun for argument in record.events[0].arguments] == ["man", "man"]
@@ -192,8 +195,10 @@ def _bad(change: str) -> dict:
         ("missing role", reasons.MISSING_FIELD, "frames[0]"),
     ],
 )
-def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: str, reason: str, path: str) -> None:
-    directory = swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING, "handcuffing_27.jpg": _bad(change)})
+def test_bad_records_are_skipped_or_fail_under_strict(
+    imsitu_dir: Path, tmp_path: Path, change: str, reason: str, path: str
+) -> None:
+    directory = swig_dir(imsitu_dir, tmp_path, {"handcuffing_26.jpg": HANDCUFFING, "handcuffing_27.jpg": _bad(change)})
     conversion = SOURCES["swig"](directory)
     assert [record.id for record in conversion.records] == ["handcuffing_26.jpg"]
     (skip,) = conversion.skipped
@@ -203,9 +208,9 @@ def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: st
     assert str(raised.value).startswith(f"{directory / 'dev.json'}:'handcuffing_27.jpg'.{path}: {reason}")
 
 
-def test_malformed_split_file(tmp_path: Path) -> None:
+def test_malformed_split_file(imsitu_dir: Path, tmp_path: Path) -> None:
     # A split file that does not parse, or is not an object, loses all its records: an error even without --strict.
-    directory = swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
+    directory = swig_dir(imsitu_dir, tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
     (directory / "dev.json").write_text('{"a.jpg": {\n "verb": ')
     for strict in (False, True):
         with pytest.raises(UserError, match=r"dev\.json:2: invalid JSON: .*must parse as a whole"):
@@ -214,7 +219,7 @@ def test_malformed_split_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"dev\.json: expected a JSON object keyed by image file name, found an array"):
         SOURCES["swig"](directory)
     # imsitu_space.json too: a truncated one must not silently turn the verb and role checks off.
-    swig_dir(tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
+    swig_dir(imsitu_dir, tmp_path, {"handcuffing_26.jpg": HANDCUFFING})
     space = directory / "imsitu_space.json"
     truncated = space.read_text()[:100]
     space.unlink()  # copied read-only from the fixtures
@@ -223,10 +228,10 @@ def test_malformed_split_file(tmp_path: Path) -> None:
         SOURCES["imsitu"](directory)
 
 
-def test_images_are_checked_when_given(tmp_path: Path) -> None:
+def test_images_are_checked_when_given(imsitu_dir: Path, tmp_path: Path) -> None:
     records = {name: HANDCUFFING for name in ("handcuffing_1.jpg", "handcuffing_2.jpg", "handcuffing_3.jpg")}
     records["handcuffing_4.jpg"] = HANDCUFFING
-    directory = swig_dir(tmp_path, records)
+    directory = swig_dir(imsitu_dir, tmp_path, records)
     images = tmp_path / "images_512"
     images.mkdir()
     Image.new("RGB", (512, 600), "white").save(images / "handcuffing_1.jpg")

@@ -24,14 +24,16 @@ from rmpl_ds.sources import SOURCES, SourceError, load_m2e2
 from rmpl_ds.sources import base as reasons
 from rmpl_ds.sources.m2e2 import CorefInconsistency, document_of
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-M2E2 = FIXTURES / "m2e2"
+
+@pytest.fixture(scope="session")
+def m2e2_dir(real_fixtures: Path) -> Path:
+    return real_fixtures / "m2e2"
+
+
 OVERLAP_ID = "VOA_EN_NW_2016.02.10.3184811_28"
 
 
-def copy_release(tmp_path: Path) -> Path:
+def copy_release(m2e2_dir: Path, tmp_path: Path) -> Path:
     """The five files in the zip's layout (``m2e2_annotations/``), ready to be edited."""
     folder = tmp_path / "m2e2_annotations"
     folder.mkdir()
@@ -42,7 +44,7 @@ def copy_release(tmp_path: Path) -> Path:
         "image_multimedia_event.json",
         "crossmedia_coref.txt",
     ):
-        shutil.copy(M2E2 / name, folder / name)
+        shutil.copy(m2e2_dir / name, folder / name)
     return folder
 
 
@@ -52,8 +54,8 @@ def edit_json(path: Path, edit: Callable[[Any], object]) -> None:
     path.write_text(json.dumps(data, indent=4))
 
 
-def test_gold_counts_of_the_sample() -> None:
-    gold = load_m2e2(M2E2, strict=True)
+def test_gold_counts_of_the_sample(m2e2_dir: Path) -> None:
+    gold = load_m2e2(m2e2_dir, strict=True)
     assert gold.counts() == {
         "sentences": 28,
         "sentences_with_events": 24,
@@ -74,8 +76,8 @@ def test_gold_counts_of_the_sample() -> None:
     assert {sentence.split for sentence in gold.sentences} == {"test"}
 
 
-def test_overlapping_sentence_keeps_the_events_of_both_files() -> None:
-    gold = load_m2e2(M2E2)
+def test_overlapping_sentence_keeps_the_events_of_both_files(m2e2_dir: Path) -> None:
+    gold = load_m2e2(m2e2_dir)
     assert gold.overlapping_sentence_ids == (OVERLAP_ID,)
     (sentence,) = [s for s in gold.sentences if s.id == OVERLAP_ID]
     assert [(e.event_type, e.setting) for e in sentence.events] == [
@@ -86,8 +88,8 @@ def test_overlapping_sentence_keeps_the_events_of_both_files() -> None:
     assert sentence.document_id == "VOA_EN_NW_2016.02.10.3184811"
 
 
-def test_images_keep_pixel_boxes_flags_and_setting() -> None:
-    gold = load_m2e2(M2E2)
+def test_images_keep_pixel_boxes_flags_and_setting(m2e2_dir: Path) -> None:
+    gold = load_m2e2(m2e2_dir)
     image = next(image for image in gold.images if image.id == "VOA_EN_NW_2015.11.26.3074855_1")
     (event,) = image.events
     assert (image.image, image.width, event.setting) == ("VOA_EN_NW_2015.11.26.3074855_1.jpg", 0, "multimedia")
@@ -98,8 +100,8 @@ def test_images_keep_pixel_boxes_flags_and_setting() -> None:
     ]
 
 
-def test_coref_lines_and_the_real_disagreement() -> None:
-    gold = load_m2e2(M2E2)
+def test_coref_lines_and_the_real_disagreement(m2e2_dir: Path) -> None:
+    gold = load_m2e2(m2e2_dir)
     assert gold.coref[0] == CrossMediaLink(
         "VOA_EN_NW_2015.11.26.3074855_5", "VOA_EN_NW_2015.11.26.3074855_1", "Justice:Arrest-Jail"
     )
@@ -117,18 +119,18 @@ def test_coref_lines_and_the_real_disagreement() -> None:
     assert len(gold.coref) == 12
 
 
-def test_both_real_disagreements_with_a_crafted_second_one(tmp_path: Path) -> None:
-    folder = copy_release(tmp_path)
+def test_both_real_disagreements_with_a_crafted_second_one(m2e2_dir: Path, tmp_path: Path) -> None:
+    folder = copy_release(m2e2_dir, tmp_path)
     sentence = next(
         s
-        for s in json.loads((M2E2 / "text_multimedia_event.json").read_text())
+        for s in json.loads((m2e2_dir / "text_multimedia_event.json").read_text())
         if s["sentence_id"] == "VOA_EN_NW_2014.07.14.1957332_0"
     )
     edit_json(
         folder / "text_multimedia_event.json",
         lambda data: data.append({**sentence, "sentence_id": "VOA_EN_NW_2017.05.01.3832748_2"}),
     )
-    image = json.loads((M2E2 / "image_multimedia_event.json").read_text())["VOA_EN_NW_2014.07.14.1957332_0"]
+    image = json.loads((m2e2_dir / "image_multimedia_event.json").read_text())["VOA_EN_NW_2014.07.14.1957332_0"]
     edit_json(
         folder / "image_multimedia_event.json", lambda data: data.update({"VOA_EN_NW_2017.05.01.3832748_0": image})
     )
@@ -147,8 +149,8 @@ def test_both_real_disagreements_with_a_crafted_second_one(tmp_path: Path) -> No
     assert gold.counts()["coref_links"] == 14
 
 
-def test_convert_gives_sentences_images_and_links() -> None:
-    conversion = SOURCES["m2e2"](M2E2)
+def test_convert_gives_sentences_images_and_links(m2e2_dir: Path) -> None:
+    conversion = SOURCES["m2e2"](m2e2_dir)
     assert conversion.format == "m2e2" and conversion.skipped == []
     assert conversion.counts["by_kind"] == {"crossmedia_link": 12, "image_record": 22, "text_sentence": 28}
     assert conversion.counts["m2e2"]["text_events"] == 30
@@ -156,7 +158,7 @@ def test_convert_gives_sentences_images_and_links() -> None:
         "crossmedia_coref.txt:9: Conflict:Demonstrate for image VOA_EN_NW_2014.07.14.1957332_0, "
         "annotated as Justice:Arrest-Jail"
     ]
-    assert len(SOURCES["m2e2"](M2E2, keep_negatives=False).records) == 58
+    assert len(SOURCES["m2e2"](m2e2_dir, keep_negatives=False).records) == 58
 
 
 def test_document_ids_split_on_the_last_underscore() -> None:
@@ -206,8 +208,8 @@ def _break(folder: Path, change: str) -> tuple[str, str, str]:
         "coref columns",
     ],
 )
-def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: str) -> None:
-    folder = copy_release(tmp_path)
+def test_bad_records_are_skipped_or_fail_under_strict(m2e2_dir: Path, tmp_path: Path, change: str) -> None:
+    folder = copy_release(m2e2_dir, tmp_path)
     name, location, reason = _break(folder, change)
     gold = load_m2e2(folder)
     (skip,) = gold.skipped
@@ -221,9 +223,11 @@ def test_bad_records_are_skipped_or_fail_under_strict(tmp_path: Path, change: st
     "name",
     ["text_only_event.json", "text_multimedia_event.json", "image_only_event.json", "image_multimedia_event.json"],
 )
-def test_a_json_file_that_does_not_parse_is_an_error_even_without_strict(tmp_path: Path, name: str) -> None:
+def test_a_json_file_that_does_not_parse_is_an_error_even_without_strict(
+    m2e2_dir: Path, tmp_path: Path, name: str
+) -> None:
     # A truncated text_only_event.json once built "fine" with "malformed input: 1" and all of its sentences gone.
-    folder = copy_release(tmp_path)
+    folder = copy_release(m2e2_dir, tmp_path)
     text = (folder / name).read_text()
     cut = text[: len(text) // 2]
     (folder / name).write_text(cut)
@@ -241,8 +245,8 @@ def test_a_json_file_that_does_not_parse_is_an_error_even_without_strict(tmp_pat
         load_m2e2(folder)
 
 
-def test_a_non_utf8_coref_line_is_one_skipped_line(tmp_path: Path) -> None:
-    folder = copy_release(tmp_path)
+def test_a_non_utf8_coref_line_is_one_skipped_line(m2e2_dir: Path, tmp_path: Path) -> None:
+    folder = copy_release(m2e2_dir, tmp_path)
     lines = (folder / "crossmedia_coref.txt").read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b"\t", b"\t\xff", 1)
     (folder / "crossmedia_coref.txt").write_bytes(b"\n".join(lines))
@@ -254,12 +258,12 @@ def test_a_non_utf8_coref_line_is_one_skipped_line(tmp_path: Path) -> None:
         load_m2e2(folder, strict=True)
 
 
-def test_images_checked_against_their_files(tmp_path: Path) -> None:
+def test_images_checked_against_their_files(m2e2_dir: Path, tmp_path: Path) -> None:
     images = tmp_path / "image"
     images.mkdir()
     Image.new("RGB", (2000, 1700), "white").save(images / "VOA_EN_NW_2015.11.26.3074855_1.jpg")
     Image.new("RGB", (300, 200), "white").save(images / "VOA_EN_NW_2016.02.10.3184811_3.jpg")
-    gold = load_m2e2(M2E2, images_dir=images)
+    gold = load_m2e2(m2e2_dir, images_dir=images)
     ((image_id, width, height),) = [(image.id, image.width, image.height) for image in gold.images]
     assert (image_id, width, height) == ("VOA_EN_NW_2015.11.26.3074855_1", 2000, 1700)
     skipped = {skip.line_or_key: skip.reason for skip in gold.skipped}
@@ -270,8 +274,8 @@ def test_images_checked_against_their_files(tmp_path: Path) -> None:
     assert len(gold.inconsistencies) == 1
 
 
-def test_missing_files_are_named(tmp_path: Path) -> None:
-    folder = copy_release(tmp_path)
+def test_missing_files_are_named(m2e2_dir: Path, tmp_path: Path) -> None:
+    folder = copy_release(m2e2_dir, tmp_path)
     (folder / "crossmedia_coref.txt").unlink()
     with pytest.raises(UserError, match=r"missing M2E2 file.*crossmedia_coref\.txt"):
         load_m2e2(folder)

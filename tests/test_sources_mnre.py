@@ -17,10 +17,12 @@ from rmpl_ds.sources import SOURCES, SourceError
 from rmpl_ds.sources import base as reasons
 from rmpl_ds.sources.mnre import ENTITY_NAME_MISMATCH
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-MNRE = FIXTURES / "mnre"
+
+@pytest.fixture(scope="session")
+def mnre_dir(real_fixtures: Path) -> Path:
+    return real_fixtures / "mnre"
+
+
 convert = SOURCES["mnre"]
 
 GOOD = (
@@ -30,8 +32,8 @@ GOOD = (
 )
 
 
-def test_v2_fixture_counts_and_the_space_in_the_val_file_name() -> None:
-    conversion = convert(MNRE / "mnre_txt")
+def test_v2_fixture_counts_and_the_space_in_the_val_file_name(mnre_dir: Path) -> None:
+    conversion = convert(mnre_dir / "mnre_txt")
     assert conversion.format == "mnre-v2" and conversion.skipped == []
     assert conversion.counts["by_split"] == {"test": 12, "train": 30, "val": 12}
     assert conversion.counts["formats"]["mnre_val .txt"] == "mnre-v2"
@@ -46,21 +48,21 @@ def test_v2_fixture_counts_and_the_space_in_the_val_file_name() -> None:
     assert first.head == EntityMention("Crocodile", 6, 7) and first.tail == EntityMention("South Wales", 9, 11)
     assert conversion.records[-1].id == "mnre_val-12"
 
-    single = convert(MNRE / "mnre_txt" / "mnre_val .txt")
+    single = convert(mnre_dir / "mnre_txt" / "mnre_val .txt")
     assert len(single.records) == 12 and {record.split for record in single.records} == {"val"}
-    positives = convert(MNRE / "mnre_txt", keep_negatives=False)
+    positives = convert(mnre_dir / "mnre_txt", keep_negatives=False)
     assert len(positives.records) == 31 and positives.counts["negatives_dropped"] == 23
 
 
-def test_lines_with_apostrophes_use_double_quotes_and_still_parse() -> None:
-    lines = (MNRE / "mnre_txt" / "mnre_train.txt").read_text().splitlines()
+def test_lines_with_apostrophes_use_double_quotes_and_still_parse(mnre_dir: Path) -> None:
+    lines = (mnre_dir / "mnre_txt" / "mnre_train.txt").read_text().splitlines()
     assert '"\'s"' in lines[2]  # the real repr switches quotes for "'s"
-    record = next(record for record in convert(MNRE / "mnre_txt").records if record.id == "mnre_train-3")
+    record = next(record for record in convert(mnre_dir / "mnre_txt").records if record.id == "mnre_train-3")
     assert record.tokens[5] == "'s" and record.head.name == "Bill Cosby"
 
 
-def test_v1_lowercase_none_and_its_own_labels() -> None:
-    conversion = convert(MNRE / "Version-1_txt")
+def test_v1_lowercase_none_and_its_own_labels(mnre_dir: Path) -> None:
+    conversion = convert(mnre_dir / "Version-1_txt")
     assert conversion.format == "mnre-v1" and conversion.skipped == []
     assert conversion.counts["by_split"] == {"test": 8, "train": 8, "val": 8}
     assert conversion.counts["by_relation"]["None"] == 8

@@ -41,10 +41,6 @@ from rmpl_ds.tasks import (
     to_structure,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/real")
-
 OFF_SCHEMA_TYPE = "Business:Merge-Org"
 OFF_SCHEMA_ROLE = "Time-Within"
 
@@ -730,8 +726,8 @@ def _check_records(records) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(("source", "relative"), REAL_INPUTS)
-def test_round_trip_on_real_fixtures(source: str, relative: str) -> None:
-    conversion = SOURCES[source](FIXTURES / relative)
+def test_round_trip_on_real_fixtures(real_fixtures: Path, source: str, relative: str) -> None:
+    conversion = SOURCES[source](real_fixtures / relative)
     assert conversion.records, f"{relative}: no records"
     rendered = _check_records(conversion.records)
     assert sum(rendered.values()) > 0
