@@ -6,6 +6,7 @@ the whole stage are in test_train.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,6 +15,7 @@ import random
 import signal
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from rmpl_ds import checkpoint, handoff
+from rmpl_ds import engine as engine_module
 from rmpl_ds.config import recipe_from_dict
+from rmpl_ds.constants import IGNORE_INDEX
 from rmpl_ds.engine import (
     GracefulStop,
     build_optimizer,
@@ -81,14 +85,23 @@ def test_optimizer_groups_only_trainable_parameters() -> None:
         build_optimizer(model, recipe().stages[0])
 
 
-def test_graceful_stop_one_request_then_abort_on_a_later_signal() -> None:
-    stop = GracefulStop(repeat_window_s=60.0)
+def test_graceful_stop_one_request_then_abort_on_a_later_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock the test moves, and os._exit recorded instead of ending pytest.
+    clock = [100.0]
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    aborted: list[int] = []
+    monkeypatch.setattr(os, "_exit", aborted.append)
+    stop = GracefulStop(repeat_window_s=5.0)
     try:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signal_name == "SIGTERM"
+        clock[0] += 4.9
         os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy: same request, no abort
-        assert stop.requested
+        assert stop.requested and stop.signal_name == "SIGTERM" and aborted == []
+        clock[0] += 0.2  # 5.1 s after the first: a second request
+        os.kill(os.getpid(), signal.SIGINT)
+        assert aborted == [128 + signal.SIGINT]
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -131,25 +144,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _trained_engine():
+def _zero2_engine(model: torch.nn.Module, bf16: dict):
+    """A real ZeRO-2 engine (micro batch 2, one rank) around ``model`` with the package's optimizer and schedule."""
     import deepspeed
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    model[0].weight.requires_grad_(False)  # a frozen part, like the base model under LoRA
     optimizer, scheduler = build_optimizer(model, recipe().stages[0])
     config = {
         "train_batch_size": 2,
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 2},
-        "bf16": {"enabled": False},
+        "bf16": bf16,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def _trained_engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    model[0].weight.requires_grad_(False)  # a frozen part, like the base model under LoRA
+    engine = _zero2_engine(model, {"enabled": False})
     for _ in range(2):
-        loss = engine(torch.randn(2, 8)).pow(2).mean()
-        engine.backward(loss)
-        engine.step()
+        _step(engine)
     return engine
 
 
@@ -190,19 +207,66 @@ def test_checkpoint_into_an_unwritable_place_names_the_path(ds_engine, tmp_path:
     assert checkpoint.find(root, "auto").step == 1  # the earlier checkpoint is intact
 
 
-def test_loaded_checkpoint_restores_client_state(ds_engine, tmp_path: Path) -> None:
-    root = tmp_path / "checkpoints"
-    weights = [p.detach().clone() for p in ds_engine.module.parameters()]
-    ref = checkpoint.save(
-        ds_engine, root, 5, {"rmpl": {"step": 5, "rng": capture_rng()}}, keep_last=1, trainable_only=True
-    )
-    loss = ds_engine(torch.randn(2, 8)).pow(2).mean()
-    ds_engine.backward(loss)
-    ds_engine.step()
-    _, client = ds_engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_strict=False)
-    assert client["rmpl"]["step"] == 5
-    for before, after in zip(weights, ds_engine.module.parameters(), strict=True):
-        torch.testing.assert_close(before, after.detach())
+def test_resume_restores_step_weights_optimizer_rng_sampler_and_health(ds_engine, tmp_path: Path) -> None:
+    """The package's own save and resume (rmpl_ds.train.save, rmpl_ds.train.resume), as the stage runner calls them."""
+    from rmpl_ds import train
+    from rmpl_ds.engine import Faults, seed_everything
+    from rmpl_ds.mixing import SlotStream
+
+    the_recipe = recipe()
+    stage = the_recipe.stages[0]
+    paths = train.StageRun(the_recipe, stage, tmp_path / "run")
+
+    def stage_data() -> SimpleNamespace:  # what resume needs of StageData: the slot stream
+        return SimpleNamespace(stream=SlotStream([("ace", 1, 7), ("swig", 2, 5)], seed=stage.seed))
+
+    data, health = stage_data(), train.Health(bad_steps=2, in_a_row=1, last_good_step=4)
+    train.save(ds_engine, paths, 5, data, 5 * stage.global_batch, health, Faults())
+    saved = _trained_state(ds_engine)
+    expected_draws = (torch.rand(4), np.random.rand(3), random.random())  # the RNGs right after the checkpoint
+    # The run goes on (another step, other draws), then stops; the next run resumes from the checkpoint.
+    _step(ds_engine)
+    seed_everything(99)
+    assert not _same_state(_trained_state(ds_engine), saved)
+
+    resumed_data = stage_data()
+    ref = checkpoint.find(paths.checkpoint_root, "auto")
+    step, next_slot, resumed_health = train.resume(ds_engine, ref, resumed_data, paths, new_phase=False)
+    assert (step, next_slot, resumed_health) == (5, 5 * stage.global_batch, health)
+    assert _same_state(_trained_state(ds_engine), saved)  # weights, Adam moments and the lr schedule
+    draws = (torch.rand(4), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
+    assert draws[2] == expected_draws[2]
+    # The sampler continues where it was (its per-source draws and epochs), not afresh at the resumed slot.
+    later = range(next_slot, next_slot + 24)
+    assert [resumed_data.stream.resolve(slot) for slot in later] == [data.stream.resolve(slot) for slot in later]
+
+
+def _step(engine) -> None:
+    loss = engine(torch.randn(2, 8)).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+
+
+def _trained_state(engine) -> dict:
+    """What a step changes: the trainable weights, the optimizer's state and the lr schedule's position."""
+    state = engine.optimizer.optimizer.state
+    return {
+        "weights": [p.detach().clone() for p in engine.module.parameters()],
+        "adam": [{key: value.clone() for key, value in state[param].items()} for param in sorted(state, key=id)],
+        "fp32": [p.detach().clone() for p in engine.optimizer.single_partition_of_fp32_groups],
+        "lr_step": engine.lr_scheduler.last_epoch,
+    }
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def test_handoff_export_is_verified(tmp_path: Path) -> None:
@@ -252,7 +316,6 @@ def test_handoff_export_is_verified(tmp_path: Path) -> None:
         )
     assert not (tmp_path / "other" / "export").exists()
     assert not any(p.name.startswith(".export") for p in (tmp_path / "other").iterdir())
-    assert not math.isnan(manifest["step"])
 
 
 def test_cpu_ranks_split_the_cores_and_keep_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,6 +345,92 @@ def test_a_non_finite_loss_poisons_every_gradient_and_a_finite_one_none() -> Non
             assert weights.grad.tolist() == [2.0, 2.0, 2.0]  # exactly the plain gradient
         else:
             assert torch.isnan(weights.grad).all()
+
+
+def test_bad_steps_in_a_row_are_counted_and_survive_a_checkpoint() -> None:
+    from rmpl_ds.train import Health
+
+    health = Health()
+    trail = []
+    for step, skipped in enumerate([False, True, True, False, True, True], start=1):
+        health = health.after(step, skipped=skipped)
+        trail.append((health.bad_steps, health.in_a_row, health.last_good_step))
+    assert trail == [(0, 0, 1), (1, 1, 1), (2, 2, 1), (2, 0, 4), (3, 1, 4), (4, 2, 4)]
+    assert Health.from_state({"health": dataclasses.asdict(health)}, 6) == health
+    assert Health.from_state({}, 7) == Health(0, 0, 7)  # a checkpoint from before skipping existed
+
+
+class TinyLM(torch.nn.Module):
+    """A causal LM as the loop drives it: ``model(input_ids=..., attention_mask=..., use_cache=False,
+    logits_to_keep=mask)`` returns ``.logits`` of the kept positions (rmpl_ds.loss's target-only path)."""
+
+    def __init__(self, vocab: int = 11, width: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=None):
+        hidden = self.embed(input_ids)
+        return SimpleNamespace(logits=self.head(hidden if logits_to_keep is None else hidden[logits_to_keep]))
+
+
+def _tiny_lm_engine(*, check_grad_overflow: bool = True):
+    torch.manual_seed(0)
+    return _zero2_engine(TinyLM(), {"enabled": True, "check_grad_overflow": check_grad_overflow})
+
+
+def _lm_batch() -> dict:
+    from rmpl_ds.collate import BatchStats
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 3:] = ids[:, 3:]
+    stats = BatchStats(
+        examples=2,
+        real_tokens=10,
+        slots=10,
+        target_tokens=4,
+        truncated_examples=0,
+        target_tokens_dropped=0,
+        images=0,
+        dummy_image=False,
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "stream_index": torch.tensor([0, 1]),
+        "loss_weight": torch.ones(2),
+        "stats": stats,
+    }
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_said_so(ds_engine) -> None:
+    """rmpl_ds.train.train_step on a real bf16 ZeRO-2 engine (one rank): a NaN loss leaves the weights, the
+    optimizer and the schedule as they were and the step says ``skipped``; the next finite step is applied."""
+    from rmpl_ds.train import train_step
+
+    lm = _tiny_lm_engine()
+    batches, cpu, streams = itertools.repeat(_lm_batch()), torch.device("cpu"), ("a:t", "b:i")
+    before = [p.detach().clone() for p in lm.module.parameters()]
+    lr_step = lm.lr_scheduler.last_epoch
+    bad = train_step(lm, batches, 1, cpu, streams, inject_nan=True)
+    assert bad["skipped"] and math.isnan(bad["loss"]) and not bad["stop_requested"]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, lm.module.parameters(), strict=True))
+    assert lm.lr_scheduler.last_epoch == lr_step and lm.skipped_steps == 1
+    good = train_step(lm, batches, 1, cpu, streams, stop_requested=True)
+    assert not good["skipped"] and math.isfinite(good["loss"]) and good["stop_requested"]
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(before, lm.module.parameters(), strict=True))
+    assert lm.lr_scheduler.last_epoch == lr_step + 1 and good["real_token_fraction"] == 1.0
+
+
+def test_a_non_finite_step_that_deepspeed_applied_is_refused(ds_engine) -> None:
+    # A DeepSpeed config that turned the overflow check off: the NaN step is applied, and the loop must not go on.
+    from rmpl_ds.train import train_step
+
+    lm = _tiny_lm_engine(check_grad_overflow=False)
+    with pytest.raises(RuntimeError, match="DeepSpeed applied an optimizer step with non-finite gradients"):
+        train_step(lm, itertools.repeat(_lm_batch()), 1, torch.device("cpu"), ("a:t", "b:i"), inject_nan=True)
 
 
 def test_closing_the_batches_stops_the_loader_workers(tmp_path: Path) -> None:
