@@ -188,12 +188,13 @@ class RawSource:
 @dataclass(frozen=True)
 class Recipe:
     """A whole pipeline. ``sources`` maps a source name to its shard directory; ``raw`` (optional) says how to
-    build a source's shards when they are missing."""
+    build a source's shards when they are missing; ``description`` (optional) heads the pipeline's report."""
 
     name: str
     model: ModelConfig
     sources: dict[str, str]
     stages: tuple[StageConfig, ...]
+    description: str | None = None
     raw: dict[str, RawSource] = field(default_factory=dict)
     output_dir: str = "runs/{name}"
     launch: LaunchConfig = field(default_factory=LaunchConfig)

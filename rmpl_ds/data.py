@@ -60,9 +60,7 @@ class Renderer:
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
         example = tasks.render(record, task, image=image, event_type=event_type)
-        encoded = self.bundle.encode(
-            example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens
-        )
+        encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens)
         encoded["stream_index"] = index
         encoded["loss_weight"] = self.loss_weights[index]
         return encoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from rmpl_ds import dist
@@ -42,3 +43,20 @@ def get_logger(name: str) -> logging.Logger:
     if name == LOGGER_NAME or name.startswith(LOGGER_NAME + "."):
         return logging.getLogger(name)
     return logging.getLogger(f"{LOGGER_NAME}.{name}")
+
+
+# `rmpl-ds train --verbose` (and the pipeline's) sets it for the ranks: libraries keep their own output.
+VERBOSE_ENV = "RMPL_VERBOSE"
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' and bitsandbytes' chatter out of a training or evaluation process's output (weight-loading
+    and shard-writing bars, INFO lines, a harmless bitsandbytes notice about an optional CPU kernel); the package's
+    own lines are unaffected. A no-op when ``RMPL_VERBOSE`` is set."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

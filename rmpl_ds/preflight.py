@@ -217,7 +217,7 @@ def _output_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope
     if needed is None:
         return []
     free = shutil.disk_usage(existing).free
-    log.info(
+    log.debug(
         "output %s: the planned checkpoints and exports take about %.1f GiB; %.1f GiB free",
         scope.run_dir,
         needed / GIB,

@@ -27,6 +27,7 @@ rank gone or hung), 2 a bad input, 3 too many consecutive non-finite losses.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -43,7 +44,7 @@ from rmpl_ds.collate import model_inputs
 from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
 from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
-from rmpl_ds.log import get_logger, setup_logging
+from rmpl_ds.log import get_logger, quiet_libraries, setup_logging
 from rmpl_ds.loss import LossPath, forward_loss
 
 log = get_logger("rmpl_ds.train")
@@ -91,6 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    quiet_libraries()
     try:
         return run(args)
     except UserError as error:
@@ -111,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @dataclass
 class StageRun:
-    """Where a stage writes: ``<run dir>/<stage>/{checkpoints, export, tensorboard, metrics.jsonl, summary.json}``."""
+    """Where a stage writes: ``<run dir>/<stage>/{checkpoints, export, metrics.jsonl, train.log, summary.json}`` and
+    ``<run dir>/tensorboard/<stage>``."""
 
     recipe: Recipe
     stage: StageConfig
@@ -124,6 +127,17 @@ class StageRun:
     @property
     def checkpoint_root(self) -> Path:
         return self.stage_dir / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """This stage's TensorBoard run: ``<run dir>/tensorboard/<stage>`` (one logdir lists every stage)."""
+        return self.run_dir / "tensorboard" / self.stage.name
+
+    @property
+    def step_offset(self) -> int:
+        """Where this stage's steps start on TensorBoard's axis: the steps of the recipe's earlier stages."""
+        names = [stage.name for stage in self.recipe.stages]
+        return sum(stage.steps for stage in self.recipe.stages[: names.index(self.stage.name)])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,8 +215,10 @@ def run(args: argparse.Namespace) -> int:
         paths.stage_dir,
         total_steps=stage.steps,
         start_step=start_step,
-        tensorboard=recipe.logging.tensorboard,
+        tensorboard_dir=paths.tensorboard_dir if recipe.logging.tensorboard else None,
+        step_offset=paths.step_offset,
         console_every=recipe.logging.console_every,
+        device_type=device.type,
     )
     stop = engine.GracefulStop()
     stream_names = data.stream_names
@@ -229,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             metrics.update(step=step, lr=lr, bad_steps=health.bad_steps, bad_steps_in_a_row=health.in_a_row)
             metrics["elapsed_s"] = time.perf_counter() - began  # since this run's loop began (steps/s between lines)
             metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
+            metrics["realized_share"] = realized_share(data.stream, step * plan.global_batch)
             metrics["peak_memory_gib"] = peak_memory_gib(device)
             if device.type == "cuda":  # what the caching allocator holds (bench/gpu/ compares it with the planner)
                 metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -438,6 +455,13 @@ def train_step(
     }
 
 
+def realized_share(stream: Any, next_slot: int) -> dict[str, float]:
+    """Each stream's share of the samples drawn before ``next_slot`` (cumulative, exact: the sampler's counts)."""
+    draws = stream.draws_before(next_slot)
+    total = max(1, sum(draws))
+    return {name: count / total for name, count in zip(stream.names, draws, strict=True)}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak device memory of this rank (GPU allocator peak; on CPU the process's peak resident set)."""
     if device.type == "cuda":
@@ -539,6 +563,16 @@ def resume(
         log.warning("world size changed (%d -> %d): RNG states are reseeded", state["world_size"], dist.world_size())
         engine.seed_everything(paths.stage.seed * 1000 + dist.rank() + 7919 * state["step"])
     log.info("resumed from %s: step %d, next slot %d", ref.path, state["step"], next_slot)
+    if dist.is_main():  # where this run continued from, one JSON line per resume (the resume tests read it)
+        trace = {
+            "checkpoint": str(ref.path),
+            "step": int(state["step"]),
+            "next_slot": int(next_slot),
+            "sampler_origin": data.stream.origin,
+            "torch_rng_sha256": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+        }
+        with (paths.stage_dir / "resume.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(trace) + "\n")
     return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"]))
 
 

@@ -87,7 +87,7 @@ def test_shortened_demo_pipeline(tmp_path: Path, tiny_model_dir) -> None:
     assert "Table 2" in report and "| stage2 |" in report and "curves_stage1.png" in report
     for png in ("f1.png", "curves_stage1.png", "curves_stage2.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    assert (run / "stage1" / "tensorboard").is_dir()
+    assert (run / "tensorboard" / "stage1").is_dir() and (run / "tensorboard" / "eval").is_dir()
 
     # Resumable at stage granularity: nothing is trained or evaluated again.
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)

@@ -157,26 +157,32 @@ def test_stage_run_logs_checkpoints_and_exports(reference: Path) -> None:
     totals = {name: sum(m["stream_counts"][name] for m in metrics) for name in ("ace:t", "swig:i", "mnre:r")}
     assert sorted(totals.values()) == [10, 11, 11]
 
-    events = EventAccumulator(str(reference / "stage1" / "tensorboard"))
+    events = EventAccumulator(str(reference / "tensorboard" / "stage1"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in (
-        "loss",
-        "lr",
-        "grad_norm",
-        "samples_per_s",
-        "tokens_per_s",
-        "real_token_fraction",
-        "peak_memory_gib",
-        "loss_by_stream/ace:t",
-        "loss_by_stream/swig:i",
-        "loss_by_stream/mnre:r",
-        "stream_counts/ace:t",
-        "epochs/mnre:r",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "throughput/samples_per_s",
+        "throughput/tokens_per_s",
+        "data/real_token_fraction",
+        "memory/peak_rss_gib",
+        "train/loss_by_stream/ace:t",
+        "train/loss_by_stream/swig:i",
+        "train/loss_by_stream/mnre:r",
+        "data/realized_share/ace:t",
+        "data/epochs/mnre:r",
     ):
         assert tag in tags, tag
-    assert [event.step for event in events.Scalars("loss")] == list(range(1, STEPS + 1))
-    assert events.Scalars("loss")[-1].value == pytest.approx(metrics[-1]["loss"])
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(metrics[-1]["loss"])
+    # the realized share is exact: 32 slots of 1:1:1 -> 11/11/10
+    assert sorted(round(metrics[-1]["realized_share"][name] * 32) for name in ("ace:t", "swig:i", "mnre:r")) == [
+        10,
+        11,
+        11,
+    ]
 
     # keep_last 2 of the sealed checkpoints; each holds every rank's ZeRO-2 optimizer shard, and LoRA runs save
     # only the trainable parameters.

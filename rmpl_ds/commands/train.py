@@ -26,12 +26,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from rmpl_ds.log import VERBOSE_ENV
 
 HELP = "run one stage of a recipe under the deepspeed launcher"
 
@@ -53,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="ranks give up on a collective after this long (default: $RMPL_COLLECTIVE_TIMEOUT_S or 1800)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the launcher's, DeepSpeed's and transformers' output too (always written to <stage>/train.log)",
     )
     parser.add_argument(
         "--skip-shard-verify",
@@ -78,9 +86,9 @@ def launcher_command(args: argparse.Namespace, gpus: int) -> list[str]:
     return command + list(args.overrides)
 
 
-def preflight(args: argparse.Namespace) -> int:
+def preflight(args: argparse.Namespace) -> tuple[int, Path]:
     """Validate everything that can be checked before a process starts (rmpl_ds.preflight, every problem at once);
-    returns the ranks per node."""
+    returns the ranks per node and the stage's directory."""
     from rmpl_ds import preflight as checks
     from rmpl_ds.config import load_recipe
     from rmpl_ds.ds_config import recipe_ds_config
@@ -102,7 +110,7 @@ def preflight(args: argparse.Namespace) -> int:
         force=args.force,
     )
     checks.check_or_raise(recipe, scope)
-    return gpus
+    return gpus, scope.run_dir / args.stage
 
 
 def _hostfile_nodes(hostfile: str) -> int:
@@ -139,11 +147,15 @@ def rank_processes(launcher_pid: int) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     import psutil
 
-    gpus = preflight(args)
+    gpus, stage_dir = preflight(args)
     env = dict(
         os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     )
-    process = subprocess.Popen(launcher_command(args, gpus), env=env)
+    if args.verbose:
+        env[VERBOSE_ENV] = "1"  # the ranks keep the libraries' own output too
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log_path = stage_dir / LOG_NAME
+    process = subprocess.Popen(launcher_command(args, gpus), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def forward(signum: int, frame: object) -> None:
         # Straight to the ranks: they finish the step, checkpoint and exit 0, so the launcher exits 0 too (the
@@ -155,7 +167,34 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return process.wait()
+        with log_path.open("ab") as log:
+            log.write(f"==== rmpl-ds train {' '.join(sys.argv[1:])}\n".encode())
+            relay(process.stdout, log, sys.stderr, everything=args.verbose)
+        code = process.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if code != 0:
+        tail = log_path.read_bytes().decode(errors="replace").splitlines()[-TAIL_LINES:]
+        print(f"rmpl-ds train: the launcher exited {code}; the last lines of {log_path}:", file=sys.stderr)
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
+    return code
+
+
+# The console shows the package's own lines (rank 0's log, every rank's error line, fault-injection notices); the
+# launcher's and the libraries' INFO lines, warnings and progress bars go to <stage dir>/train.log only.
+CONSOLE_LINE = re.compile(
+    rb"^\d\d:\d\d:\d\d (?:INFO|WARNING|ERROR|CRITICAL) \[rank \d+\] rmpl_ds|^rmpl_ds[.\w]* \[rank \d+\]: |^rmpl_ds "
+)
+LOG_NAME = "train.log"
+TAIL_LINES = 20
+
+
+def relay(source: Any, log: Any, console: Any, *, everything: bool = False) -> None:
+    """Copy the launcher's output (``source``, bytes) to ``log``; echo the package's own lines to ``console``."""
+    for line in iter(source.readline, b""):
+        log.write(line)
+        log.flush()
+        if everything or CONSOLE_LINE.match(line):
+            console.write(line.decode(errors="replace"))
+            console.flush()

@@ -21,6 +21,27 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+# Each stream's own marker and line style, so streams that sit on the same values stay apart.
+MARKERS = ("o", "s", "^", "v", "D", "x")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _mixture_deviation(metrics: list[dict[str, Any]], stage: Any) -> dict[str, list[float]]:
+    """Per stream and step: samples drawn so far minus what the target ratio gives for the same total (the
+    sampler keeps it within about one sample; i.i.d. mixing drifts by the square root of the samples)."""
+    total_weight = sum(s.weight for s in stage.mixture)
+    deviation: dict[str, list[float]] = {s.name: [] for s in stage.mixture}
+    for m in metrics:
+        seen = m["step"] * stage.global_batch
+        for stream in stage.mixture:
+            if "realized_share" in m:
+                drawn = m["realized_share"].get(stream.name, 0.0) * seen
+            else:  # metrics written before realized_share existed: only this run's per-step counts
+                drawn = sum(n["stream_counts"].get(stream.name, 0) for n in metrics if n["step"] <= m["step"])
+            deviation[stream.name].append(drawn - seen * stream.weight / total_weight)
+    return deviation
+
+
 def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,14 +57,7 @@ def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
         loss_ax, mix_ax, lr_ax = figure.subplots(1, 3)
         loss_ax.plot(steps, [m["loss"] for m in metrics], color="black", linewidth=2, label="total")
         total_weight = sum(s.weight for s in stage.mixture)
-        cumulative = {s.name: 0 for s in stage.mixture}
-        seen = 0
-        realized: dict[str, list[float]] = {s.name: [] for s in stage.mixture}
-        for m in metrics:
-            seen += sum(m["stream_counts"].values())
-            for name in cumulative:
-                cumulative[name] += m["stream_counts"].get(name, 0)
-                realized[name].append(cumulative[name] / seen)
+        deviation = _mixture_deviation(metrics, stage)
         for index, stream in enumerate(stage.mixture):
             color = f"C{index}"
             points = [
@@ -51,16 +65,25 @@ def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
             ]
             if points:
                 loss_ax.plot(*zip(*points, strict=True), color=color, linewidth=1, label=stream.name)
-            mix_ax.plot(steps, realized[stream.name], color=color, label=f"{stream.name} realized")
-            mix_ax.axhline(stream.weight / total_weight, color=color, linestyle="--", linewidth=1)
+            target = stream.weight / total_weight
+            mix_ax.step(
+                steps,
+                deviation[stream.name],
+                where="post",
+                color=color,
+                marker=MARKERS[index % len(MARKERS)],
+                markersize=3,
+                linestyle=LINESTYLES[index % len(LINESTYLES)],
+                label=f"{stream.name} (target {target:.3f})",
+            )
         lr_ax.plot(steps, [m["lr"] for m in metrics], color="C3")
         loss_ax.set(title=f"{stage.name}: loss", xlabel="optimizer step")
-        top = max(s.weight for s in stage.mixture) / total_weight
+        mix_ax.axhline(0.0, color="grey", linewidth=0.8)
         mix_ax.set(
-            title="mixture: realized (solid) vs target (dashed)",
+            title="mixture: samples drawn minus the target ratio's",
             xlabel="optimizer step",
-            ylabel="share",
-            ylim=(0, min(1.0, 1.6 * top)),
+            ylabel="realized - target (samples, cumulative)",
+            ylim=(-2, 2),
         )
         lr_ax.set(title="learning rate", xlabel="optimizer step")
         loss_ax.legend(fontsize=7)

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from rmpl_ds.backbones.base import BackboneAdapter, ProcessorBundle
     from rmpl_ds.example import Example
 
-logger = get_logger(__name__)
+logger = get_logger("rmpl_ds.evaluate.infer")  # also when run as __main__ (the ranks)
 
 EVAL_SETTINGS: tuple[str, ...] = ("text", "image", "multimedia")
 # Items are generated for in chunks: a chunk's decoded original images are held for its EM and AR passes only.
@@ -849,7 +849,7 @@ def _write_report(out: Path, name: str, scores: dict[str, Any], summary: dict[st
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """Run one rank's share and write its text and image lines to ``--part`` (+ ``.stats.json``)."""
-    from rmpl_ds.log import setup_logging
+    from rmpl_ds.log import quiet_libraries, setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m rmpl_ds.evaluate.infer", description=worker_main.__doc__)
     parser.add_argument("--model", required=True)
@@ -870,6 +870,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     # The parent's stdout may be a JSON stream (`rmpl-ds eval --json`): what libraries print goes to stderr.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     setup_logging()
+    quiet_libraries()
     try:
         if args.threads > 0:
             import torch

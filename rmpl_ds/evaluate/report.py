@@ -56,19 +56,31 @@ def _pct(value: float) -> str:
     return f"{value:.1f}"
 
 
-def render_markdown(results: Mapping[str, ScoreJson], extra_md: str = "") -> str:
-    """report.md's text: Table 2 (one row per model), macro-F1, raw counts, the union variants, the gold sizes."""
+def render_markdown(
+    results: Mapping[str, ScoreJson],
+    extra_md: str = "",
+    *,
+    preamble: str = "",
+    row_notes: Mapping[str, str] | None = None,
+) -> str:
+    """report.md's text: Table 2 (one row per model), macro-F1, raw counts, the union variants, the gold sizes.
+
+    ``preamble`` is shown first, as a quoted note (what the run is, e.g. synthetic data and a tiny model);
+    ``row_notes`` explains a model's row (the model's name gets a mark and the note follows the table)."""
     if not results:
         raise ValueError("no results to report")
     for name, scores in results.items():
         check_scores(name, scores)
-    lines = [
-        "# M2E2 evaluation",
+    notes = {name: note for name, note in (row_notes or {}).items() if name in results}
+    marks = {name: "*" * (index + 1) for index, name in enumerate(notes)}
+    lines = ["# M2E2 evaluation", ""]
+    if preamble.strip():
+        lines += [f"> {line}" if line else ">" for line in preamble.strip().splitlines()] + [""]
+    lines += [
+        "## Table 2 (micro-averaged)",
         "",
-        "## Table 2",
-        "",
-        "P / R / F1 in percent, micro-averaged; EM = event mention, AR = argument role; T = text-only, "
-        "I = image-only, M = multimedia. Scoring rules: `rmpl-ds score --help`.",
+        "Micro-averaged P / R / F1 in percent (every unit counts once, whatever its event type); EM = event mention, "
+        "AR = argument role; T = text-only, I = image-only, M = multimedia. Scoring rules: `rmpl-ds score --help`.",
         "",
     ]
     header = ["Model"]
@@ -78,7 +90,7 @@ def render_markdown(results: Mapping[str, ScoreJson], extra_md: str = "") -> str
     lines += _table(
         header,
         [
-            [name]
+            [name + (f" {marks[name]}" if name in marks else "")]
             + [
                 _pct(scores[task][setting][metric])
                 for setting in SETTINGS
@@ -88,7 +100,9 @@ def render_markdown(results: Mapping[str, ScoreJson], extra_md: str = "") -> str
             for name, scores in results.items()
         ],
     )
-    lines += ["", "## Event mention macro-F1 (over event types; the paper's event-mention metric)", ""]
+    if notes:
+        lines += [""] + [f"{marks[name]} {name}: {note}" + "  " for name, note in notes.items()]
+    lines += ["", "## Event mention macro-F1 (the mean of per-type F1; the paper's event-mention metric)", ""]
     lines += _table(
         ["Model", *(SETTING_TITLES[s] for s in SETTINGS)],
         [[name, *(_pct(scores["event_mention"][s]["macro_f1"]) for s in SETTINGS)] for name, scores in results.items()],
@@ -194,7 +208,14 @@ def plot_f1(results: Mapping[str, ScoreJson], path: str | Path) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, results: Mapping[str, ScoreJson], extra_md: str = "") -> ReportPaths:
+def write_report(
+    out_dir: str | Path,
+    results: Mapping[str, ScoreJson],
+    extra_md: str = "",
+    *,
+    preamble: str = "",
+    row_notes: Mapping[str, str] | None = None,
+) -> ReportPaths:
     """Write ``report.md`` (:func:`render_markdown`), ``f1.png`` (:func:`plot_f1`) and ``scores.json`` (the input).
 
     ``results`` maps a model name to its score object. Each file is written under a temporary name and renamed, so
@@ -205,7 +226,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, ScoreJson], extra_md
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(results, extra_md)
+    markdown = render_markdown(results, extra_md, preamble=preamble, row_notes=row_notes)
     chart = plot_f1(results, out / "f1.png")
     paths = ReportPaths(out / "report.md", chart, out / "scores.json")
     _write_text(paths.scores, json.dumps(dict(results), indent=2) + "\n")
