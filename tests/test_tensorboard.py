@@ -38,6 +38,21 @@ def metrics(step: int, *, skipped: bool = False) -> dict:
     }
 
 
+def recipe_of_stages(**steps: int):
+    """A recipe whose stages, in order, have these names and step counts."""
+    return recipe_from_dict(
+        {
+            "name": "r",
+            "model": {"family": "qwen2-vl", "path": "m"},
+            "sources": {"ace": "a"},
+            "stages": [
+                {"name": name, "mixture": [{"source": "ace", "task": "t", "weight": 1}], "steps": count, "lr": 1e-4}
+                for name, count in steps.items()
+            ],
+        }
+    )
+
+
 def read(directory: Path) -> EventAccumulator:
     events = EventAccumulator(str(directory))
     events.Reload()
@@ -97,16 +112,7 @@ def test_stages_continue_one_step_axis(tmp_path: Path) -> None:
 def test_the_step_offset_is_the_earlier_stages_steps() -> None:
     from rmpl_ds.train import StageRun
 
-    raw = {
-        "name": "r",
-        "model": {"family": "qwen2-vl", "path": "m"},
-        "sources": {"ace": "a"},
-        "stages": [
-            {"name": name, "mixture": [{"source": "ace", "task": "t", "weight": 1}], "steps": steps, "lr": 1e-4}
-            for name, steps in (("warmup", 60), ("stage1", 400), ("stage2", 800))
-        ],
-    }
-    recipe = recipe_from_dict(raw)
+    recipe = recipe_of_stages(warmup=60, stage1=400, stage2=800)
     offsets = [StageRun(recipe, stage, Path("run")).step_offset for stage in recipe.stages]
     assert offsets == [0, 60, 460]
     assert StageRun(recipe, recipe.stages[2], Path("run")).tensorboard_dir == Path("run/tensorboard/stage2")
@@ -133,18 +139,11 @@ def test_the_pipeline_logs_each_models_scores_where_its_stage_ended(tmp_path: Pa
     from rmpl_ds.pipeline import log_evaluation
     from rmpl_ds.sources.m2e2 import load_m2e2
 
-    raw = {
-        "name": "r",
-        "model": {"family": "qwen2-vl", "path": "m"},
-        "sources": {"ace": "a"},
-        "stages": [
-            {"name": name, "mixture": [{"source": "ace", "task": "t", "weight": 1}], "steps": steps, "lr": 1e-4}
-            for name, steps in (("stage1", 60), ("stage2", 400))
-        ],
-    }
     gold = load_m2e2(real_fixtures / "m2e2", strict=True)
     score = score_m2e2(gold, gold_as_predictions(gold)).to_json()
-    log_evaluation(tmp_path, recipe_from_dict(raw), {"baseline": score, "stage1": score, "stage2": score})
+    log_evaluation(
+        tmp_path, recipe_of_stages(stage1=60, stage2=400), {"baseline": score, "stage1": score, "stage2": score}
+    )
     events = read(tmp_path / "tensorboard" / "eval")
     f1 = events.Scalars("eval/m2e2/event_mention/text_only/f1")
     assert [e.step for e in f1] == [0, 60, 460]
