@@ -7,6 +7,7 @@ the whole stage are in test_train.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -221,6 +222,7 @@ def test_resume_restores_step_weights_optimizer_rng_sampler_and_health(ds_engine
         return SimpleNamespace(stream=SlotStream([("ace", 1, 7), ("swig", 2, 5)], seed=stage.seed))
 
     data, health = stage_data(), train.Health(bad_steps=2, in_a_row=1, last_good_step=4)
+    saved_rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     train.save(ds_engine, paths, 5, data, 5 * stage.global_batch, health, Faults())
     saved = _trained_state(ds_engine)
     expected_draws = (torch.rand(4), np.random.rand(3), random.random())  # the RNGs right after the checkpoint
@@ -233,6 +235,14 @@ def test_resume_restores_step_weights_optimizer_rng_sampler_and_health(ds_engine
     ref = checkpoint.find(paths.checkpoint_root, "auto")
     step, next_slot, resumed_health = train.resume(ds_engine, ref, resumed_data, paths, new_phase=False)
     assert (step, next_slot, resumed_health) == (5, 5 * stage.global_batch, health)
+    (trace,) = [json.loads(line) for line in (paths.stage_dir / "resume.jsonl").read_text().splitlines()]
+    assert trace == {
+        "checkpoint": str(ref.path),
+        "step": 5,
+        "next_slot": next_slot,
+        "sampler_origin": 0,
+        "torch_rng_sha256": saved_rng,
+    }
     assert _same_state(_trained_state(ds_engine), saved)  # weights, Adam moments and the lr schedule
     draws = (torch.rand(4), np.random.rand(3), random.random())
     assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])

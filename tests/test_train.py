@@ -7,6 +7,7 @@ I's exported weights. QLoRA runs the same loop. Each launcher run takes ~30-60 s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rmpl_ds.checkpoint import complete_checkpoints
+from rmpl_ds.checkpoint import CheckpointRef, complete_checkpoints
 from rmpl_ds.commands.train import rank_processes
 from rmpl_ds.evaluate.curves import read_metrics
 
@@ -88,7 +90,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train(setup: dict, out: Path, stage: str = "stage1", *extra: str, wait: bool = True):
+@dataclass
+class Launched:
+    """One `rmpl-ds train` run and the file that holds its output."""
+
+    process: subprocess.Popen
+    log: Path
+
+
+def train(setup: dict, out: Path, stage: str = "stage1", *extra: str, wait: bool = True) -> Launched:
     command = [
         sys.executable,
         "-m",
@@ -103,17 +113,67 @@ def train(setup: dict, out: Path, stage: str = "stage1", *extra: str, wait: bool
         str(free_port()),
         *extra,
     ]
-    log = (out.parent / f"{out.name}-{stage}-{time.monotonic_ns()}.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
-    if not wait:
-        return process
-    code = process.wait(timeout=600)
-    assert code == 0, Path(log.name).read_text()[-4000:]
-    return process
+    log = out.parent / f"{out.name}-{stage}-{time.monotonic_ns()}.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
+    launched = Launched(process, log)
+    if wait:
+        code = process.wait(timeout=600)
+        assert code == 0, log.read_text()[-4000:]
+    return launched
 
 
 def losses(out: Path, stage: str = "stage1") -> list[float]:
     return [m["loss"] for m in read_metrics(out / stage / "metrics.jsonl")]
+
+
+def metric_lines(out: Path, stage: str = "stage1") -> list[dict]:
+    """Every line of metrics.jsonl in order: a resumed run appends after the lines of the run it continues."""
+    path = out / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def resume_trace(out: Path, stage: str = "stage1") -> list[dict]:
+    """The lines of resume.jsonl: one per resume, where the run continued from (rmpl_ds.train.resume)."""
+    path = out / stage / "resume.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@dataclass
+class Stopped:
+    """What a stopped run left for `--resume auto`: its newest sealed checkpoint, the sha256 of rank 0's torch RNG
+    state saved in it, and how many lines metrics.jsonl holds."""
+
+    checkpoint: CheckpointRef
+    rng: str
+    lines: int
+
+    @classmethod
+    def of(cls, out: Path) -> Stopped:
+        import torch
+
+        start = complete_checkpoints(out / "stage1" / "checkpoints")[-1]
+        # Our own checkpoint, just written by the run under test: DeepSpeed's files need full unpickling.
+        states = torch.load(start.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        rng = hashlib.sha256(states["rmpl"]["rng"][0]["torch"].numpy().tobytes()).hexdigest()
+        return cls(start, rng, len(metric_lines(out)))
+
+
+def assert_resumed_exactly(out: Path, reference: Path, resumed: Launched, stopped: Stopped) -> None:
+    """The run `resumed` continued from the stopped run's newest checkpoint, not from step 0: the resume trace and
+    the log name that checkpoint, rank 0's RNG is the one it saved, the sampler continues at its slot with its
+    draws (origin 0), the first step it logged is the next one; and every step it logged has the loss of the
+    uninterrupted run, bit for bit."""
+    start = stopped.checkpoint
+    (trace,) = resume_trace(out)
+    assert (trace["checkpoint"], trace["step"]) == (str(start.path), start.step)
+    assert trace["next_slot"] == start.step * 4 and trace["sampler_origin"] == 0  # global batch 4
+    assert trace["torch_rng_sha256"] == stopped.rng
+    assert f"resumed from {start.path}: step {start.step}, next slot {start.step * 4}" in resumed.log.read_text()
+    lines = metric_lines(out)[stopped.lines :]
+    assert [m["step"] for m in lines] == list(range(start.step + 1, STEPS + 1))
+    uninterrupted = {m["step"]: m["loss"] for m in metric_lines(reference)}
+    assert [m["loss"] for m in lines] == [uninterrupted[m["step"]] for m in lines]
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -208,38 +268,48 @@ def test_stage2_starts_from_exactly_stage1s_weights(setup: dict, reference: Path
     exported = json.loads((reference / "stage1" / "export" / "rmpl_export.json").read_text())
     assert summary["init_from"] == "stage1"
     assert summary["init_digest"] == exported["weights_digest"]
-    # A Stage II that would start from a changed Stage I export is refused before training.
+    # A Stage II that would start from a changed Stage I export is refused before training, as bad input, for
+    # that reason.
     export = reference / "stage1" / "export"
     (export / "config.json").write_text((export / "config.json").read_text() + " ")
+    lines_before = len(metric_lines(reference, "stage2"))
     refused = train(setup, reference, "stage2", "--resume", "none", wait=False)
-    refused.wait(timeout=600)
-    assert refused.returncode != 0
+    refused.process.wait(timeout=600)
+    output = refused.log.read_text()
+    assert refused.process.returncode == 2, output[-4000:]
+    assert f"{export / 'config.json'}: modified (a partial or altered export); re-run stage 'stage1'" in output
+    assert "Traceback" not in output and len(metric_lines(reference, "stage2")) == lines_before
 
 
 def test_exact_resume_after_sigterm(setup: dict, reference: Path) -> None:
     out = setup["base"] / "sigterm"
-    process = train(setup, out, wait=False)
-    wait_for(lambda: len(read_metrics(out / "stage1" / "metrics.jsonl")) >= 1, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0  # the step finished, a checkpoint was written, every rank exited 0
-    stopped_at = complete_checkpoints(out / "stage1" / "checkpoints")[-1].step
-    assert stopped_at < STEPS
-    assert len(losses(out)) == stopped_at
-    train(setup, out)
+    first = train(setup, out, wait=False)
+    wait_for(lambda: len(metric_lines(out)) >= 1, first.process)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=120) == 0  # the step finished, a checkpoint was written, every rank exited 0
+    stopped = Stopped.of(out)
+    assert stopped.checkpoint.step < STEPS
+    assert [m["step"] for m in metric_lines(out)] == list(range(1, stopped.checkpoint.step + 1))
+    assert not resume_trace(out)
+    resumed = train(setup, out)  # --resume auto
+    assert_resumed_exactly(out, reference, resumed, stopped)
     assert losses(out) == losses(reference)
 
 
 def test_exact_resume_after_kill_9_of_one_rank(setup: dict, reference: Path) -> None:
     out = setup["base"] / "kill9"
-    process = train(setup, out, wait=False)
-    wait_for(lambda: any(ref.step >= 4 for ref in complete_checkpoints(out / "stage1" / "checkpoints")), process)
-    victim = next(p for p in rank_processes(process.pid) if "--local_rank=1" in p.cmdline())
+    first = train(setup, out, wait=False)
+    root = out / "stage1" / "checkpoints"
+    wait_for(lambda: any(ref.step >= 4 for ref in complete_checkpoints(root)), first.process)
+    victim = next(p for p in rank_processes(first.process.pid) if "--local_rank=1" in p.cmdline())
     killed_at = time.monotonic()
     victim.kill()
-    code = process.wait(timeout=120)
+    code = first.process.wait(timeout=120)
     assert code != 0
     assert time.monotonic() - killed_at < 60  # the launcher notices and stops the other rank promptly
-    train(setup, out)  # --resume auto: the newest complete checkpoint
+    stopped = Stopped.of(out)
+    resumed = train(setup, out)  # --resume auto: the newest complete checkpoint
+    assert_resumed_exactly(out, reference, resumed, stopped)
     assert losses(out) == losses(reference)
 
 
