@@ -95,7 +95,7 @@ def revision() -> str:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "rmpl_ds", "launch", "ds_configs").splitlines()]
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "rmpl_ds", "launch").splitlines()]
     return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 

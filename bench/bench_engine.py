@@ -2,7 +2,7 @@
 
 Same tiny model, same batches, same engine: the tiny Qwen2-VL loaded by the stage runner's own
 ``rmpl_ds.train.load_model`` (the demo's full fine-tune with vision tower, projector and gradient checkpointing, or
-``--mode lora``), one ``deepspeed.initialize`` with ``ds_configs/zero2.json`` filled by ``rmpl_ds.ds_config.fill``
+``--mode lora``), one ``deepspeed.initialize`` with the package's ``zero2`` config filled by ``ds_config.fill``
 (ZeRO-2, bf16) and the engine's own AdamW + schedule, and pre-collated micro-batches of the demo's Stage I held in
 memory (data loading excluded), run under the real ``deepspeed`` launcher with 1 or 2 CPU ranks on gloo. Per
 rank: micro-batch 8, accumulation 1, as in the demo's 2-rank Stage I. Three loops take turns on that engine:
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": (
             f"tiny Qwen2-VL (build_tiny seed 0), mode {first['mode']}, {first['parameters'] / 1e6:.2f} M parameters "
             f"({first['trainable_parameters'] / 1e6:.2f} M trainable), bf16, gradient checkpointing, ZeRO-2 "
-            f"(ds_configs/zero2.json), {first['threads_per_rank']} torch thread per rank"
+            f"(the zero2 config), {first['threads_per_rank']} torch thread per rank"
         ),
         "batches": (
             f"{HELD_BATCHES} pre-collated micro-batches of 8 per rank from the demo's Stage I (ace:t, swig:i, mnre:r), "

@@ -11,6 +11,13 @@ Command-line overrides are ``key.path=value`` pairs applied to the YAML before v
 addressed by index (``stages[1].lr=3e-5`` or ``stages.1.lr=3e-5``) or, for stages, by name
 (``stages.stage2.lr=3e-5``). Values are parsed as YAML scalars (``3e-5``, ``true``, ``[q_proj, v_proj]``).
 
+Paths (:data:`PATH_KEYS`: the model, the sources, the raw inputs, the output directory, the DeepSpeed config, the
+hostfile and the evaluation data): a relative path written in a recipe file is relative to **that file's folder**
+(so a recipe and its data can move together, and a recipe works from any directory; under ``extends`` each file's
+paths are relative to its own folder); a relative path given as an override on the command line is relative to the
+current directory, as anything typed in a shell. Both are made absolute when the recipe loads. A DeepSpeed config
+given by a bare name (``zero2``, ``zero2_offload.json``) is one of the package's own (rmpl_ds/ds_configs).
+
 Batch arithmetic lives in :func:`batch_plan`: ``global = micro x accumulation x world``.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -137,14 +145,14 @@ class LaunchConfig:
     """Where and how the stage runs: ranks per node, nodes, the DeepSpeed config, data loader workers.
 
     ``zero_stage`` (0, 1 or 2) overrides the DeepSpeed config's ZeRO stage; ``null`` keeps the file's (2 for
-    ds_configs/zero2.json). ZeRO-2 pays where the optimizer states and gradients of the trainable parameters are
+    the package's zero2 config). ZeRO-2 pays where the optimizer states and gradients of the trainable parameters are
     large (full fine-tuning of 7-8B models); for LoRA on two GPUs they are ~2 GiB in all, and ZeRO-0/1 leave out
     the partitioning work (`rmpl-ds plan` says what each stage costs).
     """
 
     gpus: int = 2
     nodes: int = 1
-    deepspeed_config: str = "ds_configs/zero2.json"
+    deepspeed_config: str = "zero2"
     zero_stage: int | None = None
     num_workers: int = 2
     hostfile: str | None = None
@@ -254,8 +262,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), world_size: int
     """Load, override and validate a recipe; every problem is reported in one ConfigError.
 
     Args:
-        path: the YAML file.
-        overrides: ``key.path=value`` strings applied before validation.
+        path: the YAML file; the relative paths in it are relative to its folder (module docstring).
+        overrides: ``key.path=value`` strings applied before validation (relative paths: the current directory).
         world_size: the number of ranks the run will use, when known (defaults to launch.gpus x launch.nodes);
             the batch arithmetic of every stage is checked against it.
     """
@@ -285,6 +293,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> Any:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
         raise UserError(f"{source}{where}: invalid YAML: {problem}") from None
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path(os.path.abspath(path.parent)))
     if not isinstance(raw, dict) or "extends" not in raw:
         return raw
     parent_name = raw.pop("extends")
@@ -508,12 +518,65 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str =
         except yaml.YAMLError:
             value = text
         try:
-            _set_path(data, _split_path(dotted.strip()), value)
+            parts = _split_path(dotted.strip())
+            if isinstance(value, str) and is_path_key(parts):
+                value = resolve_path(value, Path.cwd(), by_name=parts == ["launch", "deepspeed_config"])
+            _set_path(data, parts, value)
         except (KeyError, IndexError, TypeError) as error:
             problems.append(f"override {override!r}: {error.args[0] if error.args else error}")
     if problems:
         raise ConfigError(source, problems)
     return data
+
+
+# Keys whose values are paths ("*": any key of that mapping); see the module docstring.
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("model", "path"),
+    ("output_dir",),
+    ("launch", "deepspeed_config"),
+    ("launch", "hostfile"),
+    ("evaluation", "m2e2"),
+    ("evaluation", "images"),
+    ("sources", "*"),
+    ("raw", "*", "input"),
+    ("raw", "*", "images"),
+)
+
+
+def is_path_key(parts: Sequence[str | int]) -> bool:
+    """Whether a key path (``["sources", "ace"]``) names a path value."""
+    return any(
+        len(parts) == len(keys) and all(key in ("*", part) for key, part in zip(keys, parts, strict=True))
+        for keys in PATH_KEYS
+    )
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every relative path of a parsed recipe file (:data:`PATH_KEYS`) absolute against ``base``, in place."""
+
+    def visit(node: Any, keys: tuple[str, ...], done: tuple[str, ...]) -> None:
+        if not isinstance(node, dict) or not keys:
+            return
+        head, rest = keys[0], keys[1:]
+        for key in list(node) if head == "*" else [head] if head in node else []:
+            if rest:
+                visit(node[key], rest, (*done, head))
+            elif isinstance(node[key], str):
+                by_name = (*done, head) == ("launch", "deepspeed_config")
+                node[key] = resolve_path(node[key], base, by_name=by_name)
+
+    for keys in PATH_KEYS:
+        visit(raw, keys, ())
+    return raw
+
+
+def resolve_path(value: str, base: Path, *, by_name: bool = False) -> str:
+    """``value`` as an absolute path against ``base`` (``~`` expanded); with ``by_name``, a bare file name (no
+    directory part: one of the package's DeepSpeed configs) is kept as it is."""
+    if not value or (by_name and "/" not in value and os.sep not in value):
+        return value
+    expanded = Path(value).expanduser()
+    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
 
 
 def _split_path(dotted: str) -> list[str | int]:

@@ -1,6 +1,7 @@
 """DeepSpeed JSON configs: load, check, and fill the values the recipe owns.
 
-The files in ds_configs/ hold what is about the hardware (ZeRO stage, buckets, offload); the values the
+The package's files in rmpl_ds/ds_configs/ (``zero2``, ``zero2_offload``; a recipe names one by name or gives a
+path to its own) hold what is about the hardware (ZeRO stage, buckets, offload); the values the
 recipe owns are ``"auto"`` and :func:`fill` replaces them from one stage's batch plan and hyperparameters,
 so no hyperparameter lives in two places. Buckets are 5e7 elements (100 MB in bf16) rather than DeepSpeed's
 5e8 defaults, which hold about 1 GB each on a 24 GB card.
@@ -9,6 +10,8 @@ so no hyperparameter lives in two places. Buckets are 5e7 elements (100 MB in bf
 from __future__ import annotations
 
 import json
+import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,9 @@ SUPPORTED_STAGES = (0, 1, 2)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a DeepSpeed config file; every problem is reported in one ConfigError."""
-    path = Path(path)
+    """Read and check a DeepSpeed config: a file, or one of the package's by name (:func:`packaged_config`); every
+    problem is reported in one ConfigError."""
+    path = packaged_config(str(path)) if _is_name(str(path)) else Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -42,6 +46,24 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     if problems:
         raise ConfigError(str(path), problems)
     return config
+
+
+def packaged_config(name: str) -> Path:
+    """One of the package's DeepSpeed configs (rmpl_ds/ds_configs) by name: ``zero2`` or ``zero2.json``.
+
+    Raises:
+        UserError: no such config; the message lists the ones there are.
+    """
+    folder = Path(str(resources.files("rmpl_ds").joinpath("ds_configs")))
+    path = folder / (name if name.endswith(".json") else f"{name}.json")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+        raise UserError(f"launch.deepspeed_config: {name!r} is not one of the package's DeepSpeed configs ({known})")
+    return path
+
+
+def _is_name(value: str) -> bool:
+    return "/" not in value and os.sep not in value
 
 
 def check_ds_config(config: Any) -> list[str]:

@@ -88,7 +88,7 @@ def recipe_dict(model: Path | str, sources: dict[str, Path], *, lr: float = 2e-3
                 **stage,
             },
         ],
-        "launch": {"gpus": 2, "deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 0},
+        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 0},
     }
 
 

@@ -22,7 +22,7 @@ from rmpl_ds.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
-DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+DS_CONFIGS = sorted((ROOT / "rmpl_ds" / "ds_configs").glob("*.json"))
 
 
 def minimal() -> dict:
@@ -55,7 +55,7 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert recipe.stages, path
-    load_ds_config(ROOT / recipe.launch.deepspeed_config)
+    load_ds_config(recipe.launch.deepspeed_config)
     for stage in recipe.stages:
         plan = batch_plan(stage.global_batch, stage.micro_batch, recipe.launch.world_size)
         assert plan.micro_batch * plan.accumulation * plan.world_size == stage.global_batch
@@ -215,7 +215,7 @@ def test_ds_config_rules_and_fill() -> None:
     assert any(p.startswith("optimizer: not allowed") for p in problems)
     assert any(p.startswith("zero_optimization.stage: 3 is not supported") for p in problems)
     recipe = recipe_from_dict(minimal())
-    config = load_ds_config(ROOT / "ds_configs" / "zero2.json")
+    config = load_ds_config(ROOT / "rmpl_ds" / "ds_configs" / "zero2.json")
     filled = fill(config, recipe.stages[0], batch_plan(8, 2, 2), bf16=True)
     assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
     assert filled["train_micro_batch_size_per_gpu"] == 2 and filled["bf16"]["enabled"] is True
@@ -227,7 +227,7 @@ def test_ds_config_rules_and_fill() -> None:
 def test_reduce_bucket_is_capped_at_the_trainable_parameters() -> None:
     """DeepSpeed allocates the bucket (x2 with overlap_comm) at every backward: never larger than the gradients."""
     recipe = recipe_from_dict(minimal())
-    config = load_ds_config(ROOT / "ds_configs" / "zero2.json")
+    config = load_ds_config(ROOT / "rmpl_ds" / "ds_configs" / "zero2.json")
     plan = batch_plan(8, 2, 2)
     small = fill(config, recipe.stages[0], plan, bf16=True, trainable_params=1_344_640)
     assert small["zero_optimization"]["reduce_bucket_size"] == 1_344_640
@@ -240,7 +240,7 @@ def test_reduce_bucket_is_capped_at_the_trainable_parameters() -> None:
 def test_launch_zero_stage_overrides_the_deepspeed_config() -> None:
     default = recipe_from_dict(minimal())
     assert default.launch.zero_stage is None
-    assert zero_stage(recipe_ds_config(default.launch)) == 2  # ds_configs/zero2.json
+    assert zero_stage(recipe_ds_config(default.launch)) == 2  # the package's zero2 config
     for stage in (0, 1, 2):
         recipe = recipe_from_dict(minimal(), overrides=[f"launch.zero_stage={stage}"])
         config = recipe_ds_config(recipe.launch)

@@ -45,7 +45,7 @@ def test_shortened_demo_pipeline(tmp_path: Path, tiny_model_dir) -> None:
                 "images": str(raw / "m2e2" / "image"),
             },
         },
-        "launch": {"deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 0},
+        "launch": {"deepspeed_config": "zero2", "num_workers": 0},
         "evaluation": {
             "m2e2": str(raw / "m2e2" / "m2e2_annotations"),
             "images": str(raw / "m2e2" / "image"),

@@ -334,7 +334,7 @@ def test_bad_settings_are_all_reported_at_once() -> None:
 
 
 def test_defaults_match_the_shipped_zero2_config() -> None:
-    zero = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["zero_optimization"]
+    zero = json.loads((ROOT / "rmpl_ds" / "ds_configs" / "zero2.json").read_text())["zero_optimization"]
     assert zero["reduce_bucket_size"] == DEFAULT_REDUCE_BUCKET_SIZE
     assert zero["overlap_comm"] == DEFAULT_OVERLAP_COMM
 
@@ -343,7 +343,6 @@ def test_defaults_match_the_shipped_zero2_config() -> None:
 
 
 def test_paper_recipe_plans_from_the_shipped_config_and_the_gate_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)  # recipes name ds_configs/ and models/ relative to the repository root
     recipe = load_recipe(PAPER_RECIPE)
     plan = plan_recipe(recipe)
     assert plan.backbone.startswith("qwen2-vl-7b (shipped config")
@@ -367,9 +366,7 @@ def test_the_target_only_logits_term_follows_the_target_bound() -> None:
     vocab = 152_064
     for seq_len, micro_batch, bound in ((2048, 2, 256), (2048, 1, 100), (512, 3, 1024)):
         lean = plan_memory(PlanSettings("qwen2-vl-7b", seq_len=seq_len, micro_batch=micro_batch, target_tokens=bound))
-        full = plan_memory(
-            PlanSettings("qwen2-vl-7b", seq_len=seq_len, micro_batch=micro_batch, loss="full_logits")
-        )
+        full = plan_memory(PlanSettings("qwen2-vl-7b", seq_len=seq_len, micro_batch=micro_batch, loss="full_logits"))
         assert lean.breakdown["logits"] * GIB == min(seq_len, bound) * micro_batch * vocab * 10
         assert full.breakdown["logits"] * GIB == seq_len * micro_batch * vocab * 10
         others = [key for key in COMPONENTS if key not in ("logits", "allocator_reserve")]

@@ -43,7 +43,7 @@ def write_recipe(tmp_path: Path, **changes: Any) -> Path:
                 "micro_batch": 1,
             },
         ],
-        "launch": {"gpus": 2, "deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 0},
+        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 0},
         "evaluation": {"m2e2": str(tmp_path / "m2e2"), "images": str(tmp_path / "m2e2-images")},
     }
     recipe.update(changes)
@@ -191,3 +191,22 @@ def test_an_output_directory_that_cannot_be_created_is_a_problem(tmp_path: Path,
     assert preflight.preflight(recipe, scope) == [
         f"output_dir: {blocker / 'run'} cannot be created or written ({blocker} is not a writable directory)"
     ]
+
+
+def test_a_text_only_evaluation_needs_no_images(tmp_path: Path, demo: dict[str, Path]) -> None:
+    """M2E2's images are not distributed with its annotations: evaluation.settings [text] does not read them."""
+    from rmpl_ds.config import load_recipe
+
+    recipe = load_recipe(
+        complete_recipe(
+            tmp_path,
+            demo,
+            evaluation={"m2e2": str(demo["m2e2"]), "images": str(tmp_path / "none"), "settings": ["text"]},
+        )
+    )
+    assert preflight.evaluation_problems(recipe) == []
+    with_images = load_recipe(
+        complete_recipe(tmp_path, demo, evaluation={"m2e2": str(demo["m2e2"]), "images": str(tmp_path / "none")})
+    )
+    (problem,) = preflight.evaluation_problems(with_images)
+    assert problem.startswith(f"evaluation.images: {tmp_path / 'none'}: not a directory")

@@ -62,6 +62,8 @@ def test_fault_injection_is_off_unless_asked_for() -> None:
 
 
 # ------------------------------------------------------------------------------- fast: signals in one process
+# rmpl_ds.engine.GracefulStop in a stand-in loop (its "step" and "checkpoint" are sleeps): what one process does
+# with SIGINT, a repeated signal and a second one. The launcher tests below send the signal to a real stage.
 
 STOPPABLE = textwrap.dedent(
     """
@@ -88,7 +90,7 @@ def _stoppable(tmp_path: Path, window_s: float, finish_s: float) -> subprocess.P
     return process
 
 
-def test_sigint_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
+def test_a_stand_in_loop_finishes_its_step_on_sigint_and_exits_0(tmp_path: Path) -> None:
     process = _stoppable(tmp_path, window_s=5.0, finish_s=0.5)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
@@ -108,7 +110,7 @@ def test_a_repeated_signal_within_the_window_is_the_same_request(tmp_path: Path)
     assert "checkpoint written" in out and "aborting" not in err
 
 
-def test_a_second_signal_aborts_at_once_without_a_checkpoint(tmp_path: Path) -> None:
+def test_a_second_signal_after_the_window_aborts_at_once(tmp_path: Path) -> None:
     process = _stoppable(tmp_path, window_s=0.5, finish_s=120.0)
     process.send_signal(signal.SIGTERM)
     assert process.stdout.readline().startswith("finishing the step (SIGTERM)")
@@ -194,7 +196,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards)
                 "keep_last": STEPS,
             }
         ],
-        "launch": {"gpus": 2, "deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 1},
+        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 1},
         "logging": {"console_every": 1},
     }
     path = base / "recipe.yaml"

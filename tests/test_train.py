@@ -76,7 +76,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards)
                 "steps": 2,
             },
         ],
-        "launch": {"gpus": 2, "deepspeed_config": str(ROOT / "ds_configs" / "zero2.json"), "num_workers": 1},
+        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 1},
         "logging": {"console_every": 1},
     }
     path = base / "recipe.yaml"

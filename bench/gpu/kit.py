@@ -2,7 +2,8 @@
 
 Each case is one stage of a recipe this script writes, run by the package's own launcher command
 (``deepspeed --num_gpus 1 --module rmpl_ds.train RECIPE --stage bench --stop-after N``: ZeRO-2 from
-ds_configs/zero2.json, bf16, gradient checkpointing, LoRA r=64 on the seven LLM projections or QLoRA NF4, the
+the package's zero2 DeepSpeed config, bf16, gradient checkpointing, LoRA r=64 on the seven LLM projections or
+QLoRA NF4, the
 target-only LM head) on synthetic shards written with the package's shard writer and record types:
 
 * the model directory holds the full-size config from rmpl_ds/model_configs/ (vocabulary and widths untouched; the
@@ -18,7 +19,7 @@ target-only LM head) on synthetic shards written with the package's shard writer
   nvidia-smi's memory.used above the idle card, the planner's per-GPU prediction for the same settings at world
   size 1, the error in %, tokens/s and samples/s (median over the steps after the first), MFU, the step time split
   into forward / backward / optimizer step (DeepSpeed's wall_clock_breakdown timers, switched on in a copy of
-  ds_configs/zero2.json), and the prediction carried over to 2 x 24 GiB;
+  the zero2 config), and the prediction carried over to 2 x 24 GiB;
 * a stop-and-resume check on one case: the same stage stopped at half its steps, resumed from its checkpoint, and
   its losses compared with the uninterrupted run's (the first half compares two fresh runs, which is the run-to-run
   noise; bf16 on a GPU is not bitwise reproducible);
@@ -66,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 from bench_data import revision  # noqa: E402  (bench/ holds the shared benchmark helpers)
 from benchlib import cpu_model  # noqa: E402
 
+from rmpl_ds.ds_config import packaged_config  # noqa: E402
 from rmpl_ds.errors import UserError  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -275,8 +277,8 @@ def synthetic_shards(bundle: Any, out_dir: Path, *, seq_len: int, samples: int =
 
 
 def write_ds_config(out: Path) -> Path:
-    """ds_configs/zero2.json with DeepSpeed's wall_clock_breakdown timers on (forward / backward / step per step)."""
-    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    """The package's zero2 config with DeepSpeed's wall_clock_breakdown timers on (forward / backward / step)."""
+    config = json.loads(packaged_config("zero2").read_text())
     config["wall_clock_breakdown"] = True
     out.write_text(json.dumps(config, indent=2) + "\n")
     return out

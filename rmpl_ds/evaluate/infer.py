@@ -244,8 +244,13 @@ def parse_settings(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(setting for setting in EVAL_SETTINGS if setting in names)
 
 
-def plan_items(gold: M2E2Gold, images_dir: str | Path, settings: Iterable[str], limit: int | None = None) -> EvalPlan:
+def plan_items(
+    gold: M2E2Gold, images_dir: str | Path, settings: Iterable[str], limit: int | None = None
+) -> EvalPlan:
     """The items to run (module docstring, "Which items") and the gold to score them against.
+
+    ``images_dir`` is read only when the settings include ``image`` or ``multimedia``: a text-only evaluation needs no
+    images (M2E2 does not distribute them with its annotations), so the folder may then be empty or absent.
 
     Raises:
         UserError: ``images_dir`` is not a directory, an annotated image is not in it, or ``limit`` < 1.
@@ -254,16 +259,17 @@ def plan_items(gold: M2E2Gold, images_dir: str | Path, settings: Iterable[str], 
     if limit is not None and limit < 1:
         raise UserError(f"limit must be >= 1, got {limit}")
     folder = Path(images_dir)
-    if not folder.is_dir():
+    uses_images = bool({"image", "multimedia"}.intersection(chosen))
+    if uses_images and not folder.is_dir():
         raise UserError(f"{folder}: not a directory (expected the M2E2 images, <image id>{IMAGE_SUFFIX})")
-    missing = [record.image for record in gold.images if not (folder / record.image).is_file()]
+    missing = [record.image for record in gold.images if not (folder / record.image).is_file()] if uses_images else []
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(f"{folder}: {len(missing)} annotated M2E2 image(s) missing: {shown}")
     documents = {sentence.document_id for sentence in gold.sentences} | {record.document_id for record in gold.images}
     image_ids = sorted(
         path.name.removesuffix(IMAGE_SUFFIX)
-        for path in folder.glob(f"*{IMAGE_SUFFIX}")
+        for path in (folder.glob(f"*{IMAGE_SUFFIX}") if uses_images else ())
         if path.is_file() and document_of(path.name.removesuffix(IMAGE_SUFFIX)) in documents
     )
     sentences = list(gold.sentences)
