@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rmpl_ds import atomic
 from rmpl_ds.checkpoint import file_hashes
 from rmpl_ds.config import Recipe, fingerprint
 from rmpl_ds.errors import UserError
@@ -60,33 +59,24 @@ def write_export(
 ) -> Path:
     """Export atomically: ``write_model(tmp_dir)`` writes the model files, then the manifest seals them."""
     final = export_path(stage_dir)
-    tmp = stage_dir / f".{EXPORT_DIR}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        write_model(tmp)
-        weights = {"weights_digest": weights_digest(export_tensors(tmp).values())} if kind == "merged" else {}
-        manifest = {
-            **weights,
-            "stage": stage_name,
-            "step": step,
-            "kind": kind,
-            "base_model": base_model,
-            "lineage": lineage(recipe, stage_name),
-            "fingerprint": lineage_fingerprint(recipe, stage_name),
-            "files": file_hashes(tmp, exclude=MANIFEST),
-            **(extra or {}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic.directory(final, replace=True) as staging:
+            write_model(staging)
+            weights = {"weights_digest": weights_digest(export_tensors(staging).values())} if kind == "merged" else {}
+            manifest = {
+                **weights,
+                "stage": stage_name,
+                "step": step,
+                "kind": kind,
+                "base_model": base_model,
+                "lineage": lineage(recipe, stage_name),
+                "fingerprint": lineage_fingerprint(recipe, stage_name),
+                "files": file_hashes(staging, exclude=MANIFEST),
+                **(extra or {}),
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the export {final}: {error.strerror or error}") from error
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

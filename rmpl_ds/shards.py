@@ -32,10 +32,7 @@ import io
 import json
 import os
 import re
-import secrets
-import shutil
 import tarfile
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from rmpl_ds import __version__
+from rmpl_ds import __version__, atomic
 from rmpl_ds.errors import UserError
 from rmpl_ds.images import DEFAULT_MAX_PIXELS, load_image
 from rmpl_ds.log import get_logger
@@ -325,20 +322,6 @@ def _group_members(
 # Writing
 
 
-def _fsync_directory(path: Path) -> None:
-    # Makes renames and new entries durable; not every platform lets a directory be opened, hence best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         handle.write(text)
@@ -465,24 +448,6 @@ def _check_replaceable(out_dir: Path) -> None:
         raise UserError(f"{out_dir}: refusing to replace a non-empty directory that holds no {MANIFEST_NAME}")
 
 
-def _replace_directory(staging: Path, out_dir: Path) -> None:
-    """Move the complete ``staging`` directory to ``out_dir``, replacing an existing one only now."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-    else:
-        # POSIX cannot swap two directories atomically; the old set is moved aside for the instant between the
-        # two renames and restored if the second one fails.
-        retired = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-        os.rename(out_dir, retired)
-        try:
-            os.rename(staging, out_dir)
-        except BaseException:
-            os.rename(retired, out_dir)
-            raise
-        shutil.rmtree(retired, ignore_errors=True)
-    _fsync_directory(out_dir.parent)
-
-
 def write_shards(
     samples: Iterable[ShardSample],
     out_dir: str | Path,
@@ -519,45 +484,41 @@ def write_shards(
     # Absolute but not resolved: "." gets a real name and parent, and a symlinked out_dir stays a symlink.
     out_dir = Path(os.path.abspath(out_dir))
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     writer: _ShardWriter | None = None
-    try:
-        entries: list[dict[str, Any]] = []
-        seen_keys: set[str] = set()
-        for sample in samples:
-            members = _validated_members(sample)
-            if sample.key in seen_keys:
-                raise UserError(f"sample {sample.key!r}: duplicate key (keys must be unique within a shard set)")
-            seen_keys.add(sample.key)
-            if writer is None:
-                writer = _ShardWriter(staging, source, len(entries))
-            writer.add(sample.key, members)
-            if len(writer) == shard_size:
+    with atomic.directory(out_dir, replace=True) as staging:  # an existing set is replaced only when complete
+        try:
+            entries: list[dict[str, Any]] = []
+            seen_keys: set[str] = set()
+            for sample in samples:
+                members = _validated_members(sample)
+                if sample.key in seen_keys:
+                    raise UserError(f"sample {sample.key!r}: duplicate key (keys must be unique within a shard set)")
+                seen_keys.add(sample.key)
+                if writer is None:
+                    writer = _ShardWriter(staging, source, len(entries))
+                writer.add(sample.key, members)
+                if len(writer) == shard_size:
+                    entries.append(writer.finish())
+                    writer = None
+            if writer is not None:
                 entries.append(writer.finish())
                 writer = None
-        if writer is not None:
-            entries.append(writer.finish())
-            writer = None
-        manifest = {
-            **extra,
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "source": source,
-            "converter_version": __version__,
-            "samples": sum(entry["samples"] for entry in entries),
-            "shard_size": shard_size,
-            "shards": entries,
-        }
-        manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _write_text(staging / MANIFEST_NAME, manifest_text)
-        _fsync_directory(staging)
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            manifest = {
+                **extra,
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "source": source,
+                "converter_version": __version__,
+                "samples": sum(entry["samples"] for entry in entries),
+                "shard_size": shard_size,
+                "shards": entries,
+            }
+            manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            _write_text(staging / MANIFEST_NAME, manifest_text)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # closes its open tar; the staging directory goes with the error
+            raise
     logger.info("wrote %d samples in %d shards to %s", manifest["samples"], len(entries), out_dir)
     # Return what is on disk (JSON types: tuples in extra_manifest come back as lists).
     return json.loads(manifest_text)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rmpl_ds import atomic
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.evaluate.m2e2 import (
     DEFAULT_IOU_THRESHOLD,
@@ -708,9 +709,9 @@ def evaluate_model(
         **stats.to_json(),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    _write_text(out / STATS_FILE, json.dumps(summary, indent=1) + "\n")
+    atomic.write_text(out / STATS_FILE, json.dumps(summary, indent=1) + "\n")
     _write_report(out, name, scores, summary)
-    _write_text(out / SCORES_FILE, json.dumps(scores, indent=2) + "\n")
+    atomic.write_text(out / SCORES_FILE, json.dumps(scores, indent=2) + "\n")
     logger.info("eval %s done in %.1f s: %s", name, summary["wall_seconds"], out)
     return scores
 
@@ -811,12 +812,6 @@ def _wait_all(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
     return None
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-
-
 def _write_report(out: Path, name: str, scores: dict[str, Any], summary: dict[str, Any]) -> None:
     """report.md (Table 2 with one row) and f1.png, from the report module; scores.json is written by the caller
     as the single score object (the report module's write_report would write a {name: scores} mapping)."""
@@ -846,7 +841,7 @@ def _write_report(out: Path, name: str, scores: dict[str, Any], summary: dict[st
             "AR was asked for the gold event types (--oracle-types): the event-mention scores are an oracle's."
         )
     plot_f1({name: scores}, out / "f1.png")
-    _write_text(out / "report.md", render_markdown({name: scores}, extra_md="\n".join(notes) + "\n"))
+    atomic.write_text(out / "report.md", render_markdown({name: scores}, extra_md="\n".join(notes) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -898,7 +893,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"eval worker rank {args.rank}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
-    _write_text(args.part.with_suffix(".stats.json"), json.dumps(stats.to_json()))
+    atomic.write_text(args.part.with_suffix(".stats.json"), json.dumps(stats.to_json()))
     write_predictions(args.part, lines)
     return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rmpl_ds import atomic
 from rmpl_ds.errors import UserError
 from rmpl_ds.ontology import EVENT_TYPES
 
@@ -960,11 +961,6 @@ def write_predictions(path: str | Path, predictions: Predictions | Iterable[Even
 
     Written to a temporary name and renamed, so a half-written file never looks complete.
     """
-    path = Path(path)
     events = predictions.events() if isinstance(predictions, Predictions) else predictions
-    temporary = path.with_name(path.name + ".partial")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for event in events:
-            handle.write(json.dumps(prediction_to_json(event), ensure_ascii=False) + "\n")
-    temporary.replace(path)
-    return path
+    lines = (json.dumps(prediction_to_json(event), ensure_ascii=False) + "\n" for event in events)
+    return atomic.write_text(path, "".join(lines))

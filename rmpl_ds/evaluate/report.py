@@ -7,12 +7,14 @@ the order of the ``results`` mapping.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rmpl_ds import atomic
 from rmpl_ds.evaluate.m2e2 import METRICS, SETTINGS, TASKS, UNION_SETTINGS, M2E2Scores
 
 SETTING_TITLES: dict[str, str] = {"text_only": "Text-only", "image_only": "Image-only", "multimedia": "Multimedia"}
@@ -202,10 +204,9 @@ def plot_f1(results: Mapping[str, ScoreJson], path: str | Path) -> Path:
         axis.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("percent")
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(names), 4))
-    temporary = path.with_name(path.name + ".partial")
-    figure.savefig(temporary, dpi=120, format="png")
-    temporary.replace(path)
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png")
+    return atomic.write_bytes(path, buffer.getvalue())
 
 
 def write_report(
@@ -229,15 +230,9 @@ def write_report(
     markdown = render_markdown(results, extra_md, preamble=preamble, row_notes=row_notes)
     chart = plot_f1(results, out / "f1.png")
     paths = ReportPaths(out / "report.md", chart, out / "scores.json")
-    _write_text(paths.scores, json.dumps(dict(results), indent=2) + "\n")
-    _write_text(paths.markdown, markdown)
+    atomic.write_text(paths.scores, json.dumps(dict(results), indent=2) + "\n")
+    atomic.write_text(paths.markdown, markdown)
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
 
 
 def tensorboard_scalars(scores: ScoreJson | M2E2Scores, prefix: str = "eval/m2e2") -> list[tuple[str, float]]:

@@ -29,10 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +38,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from rmpl_ds import atomic
 from rmpl_ds.errors import UserError
 from rmpl_ds.ontology import EVENT_TYPES, IMAGE_ROLES, RELATION_LABELS, ROLES, imsitu_verb_mappings
 
@@ -293,9 +291,7 @@ def write_demo(out_dir: str | Path, *, seed: int = 0, size: int = DEFAULT_SIZE) 
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SUMMARY_NAME).is_file())):
         raise UserError(f"{out}: exists and is not a demo directory (no {SUMMARY_NAME}); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.directory(out, replace=True) as staging:
         summary = DemoSummary(str(out), seed, size)
         summary.counts["ace"] = _write_ace(staging / "ace", random.Random(f"{seed}:ace"), size)
         summary.counts["swig"] = _write_swig(staging, random.Random(f"{seed}:swig"), size)
@@ -303,12 +299,6 @@ def write_demo(out_dir: str | Path, *, seed: int = 0, size: int = DEFAULT_SIZE) 
         summary.counts["m2e2"] = _write_m2e2(staging / "m2e2", random.Random(f"{seed}:m2e2"), size)
         summary.build_commands = build_commands(out)
         _write_json(staging / SUMMARY_NAME, summary.to_json(), indent=2)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 
