@@ -136,7 +136,9 @@ def ds_engine():
         try:
             yield _trained_engine()
         finally:
-            torch.distributed.destroy_process_group()
+            # DeepSpeed's own teardown: it also drops the groups it cached (torch's alone would leave them stale
+            # for the next engine in this process)
+            deepspeed.comm.destroy_process_group()
 
 
 def free_port() -> int:
