@@ -2,36 +2,41 @@
 
 Same tiny model, same batches, same engine: the tiny Qwen2-VL loaded by the stage runner's own
 ``rmpl_ds.train.load_model`` (the demo's full fine-tune with vision tower, projector and gradient checkpointing, or
-``--mode lora``), one ``deepspeed.initialize`` with the package's ``zero2`` config filled by ``ds_config.fill``
-(ZeRO-2, bf16) and the engine's own AdamW + schedule, and pre-collated micro-batches of the demo's Stage I held in
-memory (data loading excluded), run under the real ``deepspeed`` launcher with 1 or 2 CPU ranks on gloo. Per
-rank: micro-batch 8, accumulation 1, as in the demo's 2-rank Stage I. Three loops take turns on that engine:
+``--mode lora``), one ``deepspeed.initialize`` with the recipe's DeepSpeed config (the package's ``zero2``) filled by
+``ds_config.fill`` as ``rmpl_ds.train`` fills it (ZeRO-2, bf16, reduce bucket capped at the trainable parameters)
+and the engine's own AdamW + schedule, and pre-collated micro-batches of the demo's Stage I held in memory (data
+loading excluded), run under the real ``deepspeed`` launcher with 1 or 2 CPU ranks on gloo. Per rank: micro-batch 8,
+accumulation 1, as in the demo's 2-rank Stage I. Four loops take turns on that engine:
 
-* ``bare``: ``loss = engine(**inputs).loss; engine.backward(loss); engine.step()`` (the model's own loss);
-* ``train_step``: :func:`rmpl_ds.train.train_step`: the per-stream weighted loss on the logits, the cross-rank
-  agreement on non-finite losses (one all-reduce per micro-batch), per-sample loss bookkeeping, the cross-rank
-  reduction of the sums, grad norm and throughput metrics;
+* ``bare``: ``loss = engine(**inputs).loss; engine.backward(loss); engine.step()`` (the model's own loss, on the
+  logits of every position);
+* ``train_step_full``: :func:`rmpl_ds.train.train_step` with ``loss_path="full_logits"``: the same logits as bare,
+  our per-stream weighted loss on them, the non-finite poisoning, per-sample bookkeeping and the step's one
+  all-reduce (metrics, non-finite count, stop request), grad norm and throughput metrics. Against bare, this is the
+  loop's overhead;
+* ``train_step``: the same with the recipes' default ``target_only`` loss (rmpl_ds.loss: the LM head projects only
+  the target positions): what a training run executes;
 * ``loop``: the body of ``rmpl_ds.train.run``'s loop without checkpoints: ``train_step`` plus the lr, health,
-  epochs and peak-memory metrics, ``Monitor.log_step`` (metrics.jsonl + TensorBoard, every step as in the demo)
-  and the cross-rank stop agreement.
+  epochs, realized-share and peak-memory metrics and ``Monitor.log_step`` (metrics.jsonl + TensorBoard, every step
+  as in the demo).
 
 After warmup steps of each, the loops alternate in blocks of steps (the order rotates every round), so contention
 on this shared 2-CPU machine hits all of them alike. Rank 0 records per block and step its wall time, user and
 system CPU time (its process, all threads) and minor page faults; steps/s is 1 / the median wall time, and each
 ratio to ``bare`` is taken per round (paired blocks) and summarized by its median and quartiles over rounds. One
 torch thread per rank (``--threads``), so that the CPU time is not inflated by threads spinning on a busy machine.
-A cProfile of a few steps of ``bare`` and ``train_step`` breaks a step down into its parts, and the one
-computation the loops do differently, the loss, is timed alone on the same logits (ours versus the model's own).
+A cProfile of a few steps of ``bare`` and ``train_step_full`` breaks a step down into its parts, and the one
+computation those two do differently, the loss, is timed alone on the same logits (ours versus the model's own).
 
-Runs (``--runs``): 1 rank; 1 rank with ``MALLOC_TOP_PAD_=1GiB`` in the ranks' environment; 2 ranks. The second
-is there because, with glibc's default malloc, a large share of a step's CPU on this machine is the kernel
-faulting in pages for the step's big temporaries, which glibc gives back after every step (the per-step
-page-fault and system-time counters show it); the top pad keeps them, which removes that cost from both loops.
+Runs (``--runs``): 1 rank and 2 ranks as training sets them up (``rmpl_ds.engine.configure_cpu_rank``: one share
+of the cores per rank, and glibc's allocator told to keep 1 GiB of freed memory instead of returning each step's
+large temporaries to the kernel and faulting them in again); ``1+glibc``: 1 rank with glibc's allocator left at
+its defaults, to show what that setting buys.
 
-No GPU is lent to this task: CPU only. On a GPU the ``.item()`` / ``.tolist()`` calls in ``train_step``
-synchronize the device once per micro-batch, which this CPU run cannot show.
+No GPU is lent to this task: CPU only. On a GPU the step's one ``.tolist()`` synchronizes the device once per
+optimizer step, which this CPU run cannot show.
 
-Usage: python bench/bench_engine.py [--quick] [--runs 1 1+pad 2] [--mode full|lora] [--rounds 10] [--block 1]
+Usage: python bench/bench_engine.py [--quick] [--runs 1 1+glibc 2] [--mode full|lora] [--rounds 10] [--block 1]
 """
 
 from __future__ import annotations
@@ -58,13 +63,10 @@ from typing import Any
 from bench_data import MICRO, DemoSet, build_demo, demo_recipe, machine, machine_line, revision
 from benchlib import write_results
 
-LOOPS = ("bare", "train_step", "loop")
+LOOPS = ("bare", "train_step_full", "train_step", "loop")
 HELD_BATCHES = 6  # micro-batches per rank held in memory and cycled
 WARMUP_STEPS = 2
 PROFILE_STEPS = 3
-# glibc's malloc hands large freed blocks back to the kernel, so each step page-faults its big temporaries in again;
-# a 1 GiB top pad keeps them in the heap (a CPU-only effect: CUDA's caching allocator reuses device memory).
-TOP_PAD = 2**30
 
 
 # -- the worker (one per rank, under the deepspeed launcher) -------------------------------------------------------
@@ -98,13 +100,21 @@ class LoopBody:
         from rmpl_ds.train import Health
 
         self.ds_engine, self.data, self.plan, self.device = ds_engine, data, plan, device
-        self.monitor = Monitor(out_dir, total_steps=10**6, start_step=0, tensorboard=True, console_every=10**6)
+        self.monitor = Monitor(
+            out_dir,
+            total_steps=10**6,
+            start_step=0,
+            tensorboard_dir=out_dir / "tensorboard",
+            console_every=10**6,
+            device_type=device.type,
+        )
         self.stop = engine.GracefulStop()
         self.step = 0
         self.health = Health()
+        self.began = time.perf_counter()
 
     def __call__(self, batches: Any) -> None:
-        from rmpl_ds.train import peak_memory_gib, train_step
+        from rmpl_ds.train import peak_memory_gib, realized_share, train_step
 
         lr = self.ds_engine.get_lr()[0]
         metrics = train_step(
@@ -118,7 +128,9 @@ class LoopBody:
         self.step += 1
         self.health = self.health.after(self.step, skipped=metrics["skipped"])
         metrics.update(step=self.step, lr=lr, bad_steps=self.health.bad_steps, bad_steps_in_a_row=self.health.in_a_row)
+        metrics["elapsed_s"] = time.perf_counter() - self.began
         metrics["epochs"] = self.data.stream.epochs_at(self.step * self.plan.global_batch)
+        metrics["realized_share"] = realized_share(self.data.stream, self.step * self.plan.global_batch)
         metrics["peak_memory_gib"] = peak_memory_gib(self.device)
         metrics.pop("stop_requested")
         self.monitor.log_step(metrics)
@@ -134,9 +146,9 @@ BREAKDOWN = (
     ("  HF loss inside the forward (ForCausalLMLoss)", "transformers/loss/loss_utils.py", "ForCausalLMLoss"),
     ("DeepSpeed backward", "deepspeed/runtime/engine.py", "backward"),
     ("DeepSpeed step", "deepspeed/runtime/engine.py", "step"),
-    ("rmpl stream_loss (per-sample weighted loss)", "rmpl_ds/engine.py", "stream_loss"),
-    ("rmpl any_rank (non-finite loss agreement)", "rmpl_ds/engine.py", "any_rank"),
-    ("rmpl reduce_sums", "rmpl_ds/engine.py", "reduce_sums"),
+    ("rmpl stream_loss (per-sample weighted loss)", "rmpl_ds/loss.py", "stream_loss"),
+    ("rmpl poison_non_finite", "rmpl_ds/engine.py", "poison_non_finite"),
+    ("rmpl reduce_sums (the step's one all-reduce)", "rmpl_ds/engine.py", "reduce_sums"),
     ("engine.get_global_grad_norm", "deepspeed/runtime/engine.py", "get_global_grad_norm"),
     ("  torch.empty (mostly ZeRO-2 bucket buffers, page faults)", "~", "<built-in method torch.empty>"),
     ("Tensor.tolist", "~", "<method 'tolist' of 'torch._C.TensorBase' objects>"),
@@ -178,14 +190,14 @@ def profile_steps(run: Any, steps: int) -> dict[str, Any]:
 
 
 def loss_parts(ds_engine: Any, batch: dict[str, Any], device: Any, repeats: int = 30) -> dict[str, Any]:
-    """The one computation the two loops do differently, alone: the loss on the same logits (forward + backward),
-    ours (``rmpl_ds.engine.stream_loss``) versus the model's own (transformers' ``ForCausalLMLoss``), alternated;
-    median CPU seconds and page faults per call."""
+    """The one computation bare and train_step (full logits) do differently, alone: the loss on the same logits
+    (forward + backward), ours (``rmpl_ds.loss.stream_loss``) versus the model's own (transformers'
+    ``ForCausalLMLoss``), alternated; median CPU seconds and page faults per call."""
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from rmpl_ds.collate import model_inputs
-    from rmpl_ds.engine import stream_loss
+    from rmpl_ds.loss import stream_loss
     from rmpl_ds.train import LOOP_KEYS
 
     with torch.no_grad():
@@ -220,7 +232,7 @@ def worker(args: argparse.Namespace) -> int:
     from rmpl_ds import dist, engine
     from rmpl_ds.config import batch_plan
     from rmpl_ds.data import StageData
-    from rmpl_ds.ds_config import fill, load_ds_config, zero_stage
+    from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
     from rmpl_ds.train import StageRun, load_model, train_step
 
     described = json.loads(args.demo)
@@ -231,6 +243,8 @@ def worker(args: argparse.Namespace) -> int:
         size=described["size"],
         shard_size=described["shard_size"],
     )
+    if args.allocator == "glibc":  # leave glibc's allocator at its defaults (the threads are set below)
+        engine.configure_cpu_rank = lambda environ=os.environ: {}
     device = engine.configure_runtime(deterministic=not torch.cuda.is_available())
     engine.init_distributed(device)
     torch.set_num_threads(args.threads)
@@ -243,7 +257,7 @@ def worker(args: argparse.Namespace) -> int:
     recipe = demo_recipe(demo, overrides, world_size=world)
     stage = recipe.stage("stage1")
     plan = batch_plan(stage.global_batch, stage.micro_batch, world)
-    ds_config = load_ds_config(recipe.launch.deepspeed_config)
+    ds_config = recipe_ds_config(recipe.launch)
     engine.seed_everything(stage.seed)
     run_dir = Path(args.scratch) / f"run-{world}"
     model, bundle, _ = load_model(StageRun(recipe, stage, run_dir), device, zero_stage(ds_config), None)
@@ -258,14 +272,19 @@ def worker(args: argparse.Namespace) -> int:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=fill(ds_config, stage, plan, bf16=recipe.model.dtype == "bf16"),
+        config=fill(ds_config, stage, plan, bf16=recipe.model.dtype == "bf16", trainable_params=trainable),
     )
     engine.seed_everything(stage.seed * 1000 + rank)
     batches = itertools.cycle(held)
     body = LoopBody(ds_engine, data, plan, device, run_dir / "stage1")
     loops = {
         "bare": lambda: bare_step(ds_engine, batches, plan.accumulation, device),
-        "train_step": lambda: train_step(ds_engine, batches, plan.accumulation, device, data.stream_names),
+        "train_step_full": lambda: train_step(
+            ds_engine, batches, plan.accumulation, device, data.stream_names, loss_path="full_logits"
+        ),
+        "train_step": lambda: train_step(
+            ds_engine, batches, plan.accumulation, device, data.stream_names, loss_path=recipe.model.loss
+        ),
         "loop": lambda: body(batches),
     }
     for name in LOOPS:
@@ -283,7 +302,7 @@ def worker(args: argparse.Namespace) -> int:
             for key in COUNTERS:
                 timings[name][key].append((after[key] - before[key]) / args.block)
     profiles = {}
-    for name in ("bare", "train_step"):
+    for name in ("bare", "train_step_full"):
         dist.barrier()
         profiles[name] = profile_steps(loops[name], PROFILE_STEPS)
     body.close()
@@ -301,7 +320,8 @@ def worker(args: argparse.Namespace) -> int:
             "mean_padded_tokens_per_micro_batch": tokens,
             "rounds": args.rounds,
             "block": args.block,
-            "malloc_top_pad": os.environ.get("MALLOC_TOP_PAD_"),
+            "allocator": args.allocator,
+            "loss_path": recipe.model.loss,
             "timings": timings,
             "profiles": profiles,
             "loss_parts": losses,
@@ -320,17 +340,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(demo: DemoSet, scratch: Path, ranks: int, top_pad: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the worker under ``deepspeed --num_gpus ranks`` (with ``MALLOC_TOP_PAD_`` if ``top_pad``) and return rank
-    0's result."""
+def launch(demo: DemoSet, scratch: Path, ranks: int, allocator: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the worker under ``deepspeed --num_gpus ranks`` with the ``allocator`` settings (``rmpl``: the package's,
+    ``glibc``: glibc's defaults) and return rank 0's result."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    tag = f"{ranks}{'-pad' if top_pad else ''}"
+    tag = f"{ranks}-{allocator}"
     result = scratch / f"result-{tag}.json"
     log = scratch / f"launch-{tag}.log"
     env = dict(os.environ)
-    env.pop("MALLOC_TOP_PAD_", None)
-    if top_pad:
-        env["MALLOC_TOP_PAD_"] = str(TOP_PAD)
+    env.pop("MALLOC_TOP_PAD_", None)  # a user's setting would override the package's (configure_cpu_rank)
     demo_json = json.dumps(
         {
             "root": str(demo.root),
@@ -362,6 +380,8 @@ def launch(demo: DemoSet, scratch: Path, ranks: int, top_pad: bool, args: argpar
         str(args.block),
         "--threads",
         str(args.threads),
+        "--allocator",
+        allocator,
     ]
     began = time.perf_counter()
     with log.open("w") as output:
@@ -426,27 +446,34 @@ def verdict(ratio: dict[str, float], goal: float = 0.95) -> str:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    malloc = f"MALLOC_TOP_PAD_={run['malloc_top_pad']}" if run.get("malloc_top_pad") else "glibc default"
-    return f"{run['world_size']} rank{'s' if run['world_size'] > 1 else ''}, {malloc}"
+    allocator = "glibc's allocator defaults" if run["allocator"] == "glibc" else "as training sets it up"
+    return f"{run['world_size']} rank{'s' if run['world_size'] > 1 else ''}, {allocator}"
 
 
 def findings(report: dict[str, Any]) -> list[str]:
     """What the numbers say, computed from them."""
     lines = []
     for run in report["runs"]:
-        bare, ours = run["summary"]["bare"], run["summary"]["train_step"]
-        ratios = run["summary"]["train_step_vs_bare"]
+        summary = run["summary"]
+        bare, full = summary["bare"], summary["train_step_full"]
+        overhead, lean = summary["train_step_full_vs_bare"], summary["train_step_vs_bare"]
         lines.append(
-            f"{run_label(run)}: train_step's CPU ratio {spread(ratios['cpu_steps_per_s'])} "
-            f"{verdict(ratios['cpu_steps_per_s'])}; wall ratio {spread(ratios['steps_per_s'])} "
-            f"{verdict(ratios['steps_per_s'])}."
+            f"{run_label(run)}: the loop's overhead (train_step on the same full logits as bare): CPU ratio "
+            f"{spread(overhead['cpu_steps_per_s'])} {verdict(overhead['cpu_steps_per_s'])}; wall ratio "
+            f"{spread(overhead['steps_per_s'])} {verdict(overhead['steps_per_s'])}."
         )
         lines.append(
-            f"{run_label(run)}: train_step costs {ours['cpu_s_per_step'] - bare['cpu_s_per_step']:+.3f} s of CPU per "
-            f"step over bare ({ours['user_s_per_step'] - bare['user_s_per_step']:+.3f} s user, "
-            f"{ours['sys_s_per_step'] - bare['sys_s_per_step']:+.3f} s system; "
-            f"{ours['page_faults_per_step'] - bare['page_faults_per_step']:+.0f} page faults); system time is "
+            f"{run_label(run)}: train_step (full logits) costs "
+            f"{full['cpu_s_per_step'] - bare['cpu_s_per_step']:+.3f} s of CPU per step over bare "
+            f"({full['user_s_per_step'] - bare['user_s_per_step']:+.3f} s user, "
+            f"{full['sys_s_per_step'] - bare['sys_s_per_step']:+.3f} s system; "
+            f"{full['page_faults_per_step'] - bare['page_faults_per_step']:+.0f} page faults); system time is "
             f"{bare['sys_s_per_step'] / bare['cpu_s_per_step']:.0%} of bare's CPU."
+        )
+        lines.append(
+            f"{run_label(run)}: what a training run executes (train_step, {run['loss_path']} loss): "
+            f"{spread(lean['steps_per_s'])}x bare's steps/s (wall), {spread(lean['cpu_steps_per_s'])} (CPU); the "
+            f"whole loop body {summary['loop_vs_bare']['steps_per_s']['median']:.3f}x (wall)."
         )
         losses = run["loss_parts"]
         extra_loss = losses["stream_loss"]["cpu"] - losses["ForCausalLMLoss"]["cpu"]
@@ -459,28 +486,31 @@ def findings(report: dict[str, Any]) -> list[str]:
             f"{share:+.1%} of bare's step, "
             + ("a material part of the gap." if share > 0.02 else "not a material part of the gap.")
         )
-        profile_bare, profile_ours = run["profiles"]["bare"]["breakdown"], run["profiles"]["train_step"]["breakdown"]
+        profile_bare = run["profiles"]["bare"]["breakdown"]
+        profile_ours = run["profiles"]["train_step_full"]["breakdown"]
         bookkeeping = sum(
             profile_ours[label]
             for label, _, _ in BREAKDOWN
-            if label.startswith(("rmpl any_rank", "rmpl reduce", "Tensor"))
+            if label.startswith(("rmpl poison", "rmpl reduce", "Tensor"))
         )
         lines.append(
             f"{run_label(run)}, profile: train_step's backward {profile_ours['DeepSpeed backward']:.3f} s versus "
             f"bare's {profile_bare['DeepSpeed backward']:.3f} s; forward + loss "
             f"{profile_ours['DeepSpeed forward'] + profile_ours['rmpl stream_loss (per-sample weighted loss)']:.3f} s "
-            f"versus {profile_bare['DeepSpeed forward']:.3f} s; the loop's own bookkeeping (any_rank, reduce_sums, "
-            f".tolist, .item) {1000 * bookkeeping:.1f} ms per step."
+            f"versus {profile_bare['DeepSpeed forward']:.3f} s; the loop's own bookkeeping (poison_non_finite, "
+            f"reduce_sums, .tolist, .item) {1000 * bookkeeping:.1f} ms per step."
         )
-    default = next((r for r in report["runs"] if not r.get("malloc_top_pad") and r["world_size"] == 1), None)
-    padded = next((r for r in report["runs"] if r.get("malloc_top_pad") and r["world_size"] == 1), None)
-    if default and padded:
-        before, after = default["summary"]["bare"]["cpu_s_per_step"], padded["summary"]["bare"]["cpu_s_per_step"]
+    ours = next((r for r in report["runs"] if r["allocator"] == "rmpl" and r["world_size"] == 1), None)
+    glibc = next((r for r in report["runs"] if r["allocator"] == "glibc" and r["world_size"] == 1), None)
+    if ours and glibc:
+        before, after = glibc["summary"]["bare"]["cpu_s_per_step"], ours["summary"]["bare"]["cpu_s_per_step"]
+        faults = (glibc["summary"]["bare"]["page_faults_per_step"], ours["summary"]["bare"]["page_faults_per_step"])
         lines.append(
-            f"MALLOC_TOP_PAD_ cuts bare's CPU per step from {before:.3f} s to {after:.3f} s "
-            f"({after / before - 1:+.0%}) and the page faults to ~0: glibc returns each step's large temporaries "
-            "(logits, ZeRO-2 buckets) to the kernel and faults them in again. A CPU-only cost: CUDA's caching "
-            "allocator reuses device memory."
+            f"The package's allocator setting (configure_cpu_rank: glibc keeps 1 GiB of freed memory) takes bare's CPU "
+            f"per step from {before:.3f} s to {after:.3f} s ({after / before - 1:+.0%}) and its page faults from "
+            f"{faults[0]:.0f} to {faults[1]:.0f} per step, for every loop alike: with glibc's defaults each step's "
+            "large temporaries (logits, ZeRO-2 buckets) go back to the kernel and are faulted in again. A CPU-only "
+            "cost: CUDA's caching allocator reuses device memory."
         )
     return lines
 
@@ -495,42 +525,48 @@ def markdown(report: dict[str, Any]) -> str:
         f"- code: rmpl_ds at {report['revision']}",
         f"- model: {report['model']}",
         f"- batches: {report['batches']}",
-        f"- method: one engine per launcher run; the three loops alternate in blocks of steps (order rotated every "
+        f"- method: one engine per launcher run; the four loops alternate in blocks of steps (order rotated every "
         f"round) after {WARMUP_STEPS} warmup steps each; medians over the blocks of rank 0's per-step counters",
+        "- loops: bare = `engine(**inputs).loss` (the model's own loss on every position's logits), backward, step; "
+        "full = our `train_step` on the same full logits (`loss_path=full_logits`): against bare, the loop's "
+        "overhead; lean = our `train_step` as training runs it (the recipe's `target_only` loss: the LM head on the "
+        "target positions only); loop = the stage runner's whole loop body without checkpoints (lean + metrics + "
+        "metrics.jsonl and TensorBoard every step)",
         "",
         "Steps/s: 1 / median wall time per optimizer step. CPU: median user + system seconds per step of rank 0's "
-        "process (all threads). Ratios are ours relative to bare, per round (paired blocks), median over rounds: "
-        "wall = bare's wall time / ours (= steps/s ratio), CPU = bare's CPU / ours (the steps/s ratio of a "
-        "CPU-bound rank; steadier, since other jobs share the 2 CPUs and swing the wall clock); [q1, q3] are the "
-        "quartiles over rounds, (loop) is the median for the whole loop body. Goal: ≥ 0.95.",
+        "process (all threads). Ratios are ours relative to bare, per round (paired blocks), median over rounds "
+        "[q1, q3 over rounds]: wall = bare's wall time / ours (= steps/s ratio), CPU = bare's CPU / ours (the "
+        "steps/s ratio of a CPU-bound rank; steadier, since other jobs share the 2 CPUs and swing the wall clock). "
+        "Goal for the overhead (full vs bare): ≥ 0.95.",
         "",
-        "| run | blocks × steps | steps/s bare / train_step / loop | wall ratio train_step (loop) | CPU s/step "
-        "bare / train_step / loop | CPU ratio train_step (loop) | user-time ratio train_step (loop) | page faults "
-        "per step bare / train_step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | blocks × steps | steps/s bare / full / lean / loop | wall ratio full (lean, loop) | CPU s/step "
+        "bare / full / lean / loop | CPU ratio full (lean, loop) | page faults per step bare / full |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
         summary = run["summary"]
         rates = " / ".join(f"{summary[name]['steps_per_s']:.2f}" for name in LOOPS)
         cpus = " / ".join(f"{summary[name]['cpu_s_per_step']:.3f}" for name in LOOPS)
-        ours, loop = summary["train_step_vs_bare"], summary["loop_vs_bare"]
-        faults = f"{summary['bare']['page_faults_per_step']:.0f} / {summary['train_step']['page_faults_per_step']:.0f}"
+        full, lean, loop = (summary[f"{name}_vs_bare"] for name in ("train_step_full", "train_step", "loop"))
+        faults = (
+            f"{summary['bare']['page_faults_per_step']:.0f} / {summary['train_step_full']['page_faults_per_step']:.0f}"
+        )
         lines.append(
             f"| {run_label(run)} | {run['rounds']} × {run['block']} | {rates} | "
-            f"{spread(ours['steps_per_s'])} ({loop['steps_per_s']['median']:.3f}) | {cpus} | "
-            f"{spread(ours['cpu_steps_per_s'])} ({loop['cpu_steps_per_s']['median']:.3f}) | "
-            f"{spread(ours['user_steps_per_s'])} ({loop['user_steps_per_s']['median']:.3f}) | {faults} |"
+            f"{spread(full['steps_per_s'])} ({lean['steps_per_s']['median']:.3f}, "
+            f"{loop['steps_per_s']['median']:.3f}) | {cpus} | {spread(full['cpu_steps_per_s'])} "
+            f"({lean['cpu_steps_per_s']['median']:.3f}, {loop['cpu_steps_per_s']['median']:.3f}) | {faults} |"
         )
     lines += ["", "## Findings", "", *[f"- {line}" for line in findings(report)]]
     for run in report["runs"]:
-        bare, ours = run["profiles"]["bare"], run["profiles"]["train_step"]
+        bare, ours = run["profiles"]["bare"], run["profiles"]["train_step_full"]
         lines += [
             "",
             f"## Where the time goes: {run_label(run)}; cProfile of {PROFILE_STEPS} steps per loop, rank 0",
             "",
             "Cumulative seconds per optimizer step (the profiler slows Python-heavy code more than kernels).",
             "",
-            "| part | bare | train_step |",
+            "| part | bare | train_step (full logits) |",
             "|---|---:|---:|",
             f"| whole step | {bare['seconds_per_step']:.4f} | {ours['seconds_per_step']:.4f} |",
         ]
@@ -548,12 +584,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_run(spec: str) -> tuple[int, bool]:
-    """``"2"`` → 2 ranks, glibc's malloc defaults; ``"1+pad"`` → 1 rank with ``MALLOC_TOP_PAD_``."""
+def parse_run(spec: str) -> tuple[int, str]:
+    """``"2"`` → 2 ranks set up as training sets them up; ``"1+glibc"`` → 1 rank with glibc's allocator defaults."""
     ranks, _, option = spec.partition("+")
-    if not ranks.isdigit() or int(ranks) < 1 or option not in ("", "pad"):
-        raise argparse.ArgumentTypeError(f"expected RANKS or RANKS+pad, got {spec!r}")
-    return int(ranks), option == "pad"
+    if not ranks.isdigit() or int(ranks) < 1 or option not in ("", "glibc"):
+        raise argparse.ArgumentTypeError(f"expected RANKS or RANKS+glibc, got {spec!r}")
+    return int(ranks), option or "rmpl"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         "--runs",
         type=parse_run,
         nargs="+",
-        default=[(1, False), (1, True), (2, False)],
-        metavar="RANKS[+pad]",
-        help="launcher runs: CPU ranks, +pad for MALLOC_TOP_PAD_ (default: 1 1+pad 2)",
+        default=[(1, "rmpl"), (1, "glibc"), (2, "rmpl")],
+        metavar="RANKS[+glibc]",
+        help="launcher runs: CPU ranks, +glibc for glibc's allocator defaults (default: 1 1+glibc 2)",
     )
     parser.add_argument("--mode", choices=("full", "lora"), default="full", help="model.mode (the demo's: full)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of blocks")
@@ -577,18 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=("rmpl", "glibc"), default="rmpl", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     if args.quick:
-        args.runs, args.rounds, args.block = [(1, False)], 2, 2
+        args.runs, args.rounds, args.block = [(1, "rmpl")], 2, 2
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
         demo = build_demo(Path(scratch))
-        for ranks, top_pad in args.runs:
-            result = launch(demo, Path(scratch), ranks, top_pad, args)
+        for ranks, allocator in args.runs:
+            result = launch(demo, Path(scratch), ranks, allocator, args)
             result["summary"] = summarize(result)
             runs.append(result)
             print(json.dumps({"run": run_label(result), **result["summary"]}), flush=True)
