@@ -55,6 +55,7 @@ class Mutation:
 
 
 RESUME_SIGTERM = "tests/test_train.py::test_exact_resume_after_sigterm"
+RESUME_KILL_9 = "tests/test_train.py::test_exact_resume_after_kill_9_of_one_rank"
 PACKAGE_RESUME = "tests/test_engine_units.py::test_resume_restores_step_weights_optimizer_rng_sampler_and_health"
 LOADER_RESUME = "tests/test_loader.py::test_resume_gives_the_uninterrupted_batches_for_any_world_and_workers"
 MIXING_RESUME = "tests/test_mixing.py::test_resume_reproduces_the_uninterrupted_run_across_layouts"
@@ -71,7 +72,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ref = checkpoint.find(paths.checkpoint_root, args.resume)",
         'ref = checkpoint.find(paths.checkpoint_root, "none")',
         "the checkpoint lookup finds nothing: every run silently starts over from step 0",
-        (RESUME_SIGTERM,),
+        (RESUME_SIGTERM, RESUME_KILL_9),
     ),
     Mutation(
         "loader_restarts_at_slot_0",
@@ -89,7 +90,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         '        engine.restore_rng(state["rng"][dist.rank()])\n',
         "        pass\n",
         "resume keeps the RNG state of the fresh process (dropout masks differ from the uninterrupted run)",
-        (PACKAGE_RESUME,),
+        (PACKAGE_RESUME, RESUME_SIGTERM),
     ),
     Mutation(
         "resume_returns_slot_0",
