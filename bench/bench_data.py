@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_model, write_results
+from benchlib import cpu_model, revision, write_results
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -82,21 +82,6 @@ def machine(*packages: str) -> dict[str, Any]:
         except ImportError:
             versions[package] = "not installed"
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "versions": versions}
-
-
-def revision() -> str:
-    """The commit measured, and the package files that differ from it (read-only git)."""
-    import subprocess
-
-    def git(*command: str) -> str:
-        try:
-            return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "rmpl_ds", "launch").splitlines()]
-    return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def machine_line(report: dict[str, Any]) -> str:

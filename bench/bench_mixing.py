@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import cpu_model, write_results
+from benchlib import cpu_model, revision, write_results
 
 from rmpl_ds.mixing import RatioSchedule, SlotStream, chairman_bound, chairman_sequence, window_discrepancy
 
@@ -149,6 +149,7 @@ def markdown(report: dict) -> str:
         f"- machine: {report['machine']['nproc']} CPUs, {report['machine']['cpu']}, Python "
         f"{report['machine']['python']}, numpy {report['machine']['numpy']}",
         f"- date: {report['date']}",
+        f"- code: rmpl_ds at {report['revision']}",
         "",
         "## Window deviation max_k |count_k − N·w_k|: slot stream versus i.i.d. mixing",
         "",
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "revision": revision(),
         "iid_windows": args.windows,
         "paper_ratios": paper_ratios(args.windows, rng),
         "random_weightings": random_weightings(args.random, rng),

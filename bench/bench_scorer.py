@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_model, write_results
+from benchlib import cpu_model, revision, write_results
 
 from rmpl_ds.cli import main as cli_main
 from rmpl_ds.evaluate.m2e2 import (
@@ -344,6 +344,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- machine: {report['machine']['nproc']} CPUs, {report['machine']['cpu']}, "
         f"Python {report['machine']['python']}",
         f"- date: {report['date']}",
+        f"- code: rmpl_ds at {report['revision']}",
         f"- data: synthetic release with the public sizes ({report['gold_counts']['text_events']} text events, "
         f"{report['gold_counts']['image_events']} image events, {report['gold_counts']['coref_triples']} triples, "
         f"{report['gold_counts']['sentences']} sentences); {report['prediction_lines']} prediction lines "
@@ -409,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "revision": revision(),
         "repeats": args.repeats,
         "gold_counts": as_json["gold_counts"],
         "prediction_lines": sum(1 for _ in predictions.events()),

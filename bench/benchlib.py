@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: the machine's CPU model and writing a result as JSON + markdown."""
+"""Helpers every benchmark shares: the machine's CPU model, the code revision measured, and writing a result as JSON +
+markdown."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def revision() -> str:
+    """The commit measured, and the package files that differ from it (read-only git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "rmpl_ds", "launch").splitlines()]
+    return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def write_results(out: Path, name: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
