@@ -6,7 +6,7 @@ Three paths over the same model, batch and optimizer (a LoRA step as the paper r
   the input-gradient hooks transformers and PEFT put on every sub-model's input embeddings
   (``enable_input_require_grads``), so backward also runs through the frozen vision tower;
 * ``target_only``: the LM head on the target positions only (``model.loss: target_only``), hooks as before;
-* ``lean``: target-only and no input-gradient hooks: the package's default (rmpl_ds.loss, rmpl_ds.backbones.base).
+* ``lean``: target-only and no input-gradient hooks: the package's default (rmpl_ds.loss, rmpl_ds.backbones.loading).
 
 The model: the tiny Qwen2-VL of the tests (Qwen2VLForConditionalGeneration, hidden 128, 2 layers, a 64-wide
 2-layer ViT) with the real vocabulary size, 152,064, and the published image processor (a 512x512 image is
@@ -132,14 +132,15 @@ def measure(model_dir: Path, path: str, steps: int, warmup: int, threads: int) -
     """One path in this (fresh) process: see the module docstring."""
     import torch
 
-    from rmpl_ds.backbones import LoraSettings, get_adapter
+    from rmpl_ds.backbones import get_adapter
     from rmpl_ds.collate import model_inputs
+    from rmpl_ds.config import LoraConfig
     from rmpl_ds.loss import forward_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     adapter = get_adapter("qwen2-vl")
-    model, bundle = adapter.load(model_dir, "lora", lora=LoraSettings(rank=64, alpha=128, dropout=0.05))
+    model, bundle = adapter.load(model_dir, "lora", lora=LoraConfig(rank=64, alpha=128, dropout=0.05))
     if path in ("before", "target_only"):
         model.get_base_model().enable_input_require_grads()  # what transformers and PEFT left in place before
     loss_path = "full_logits" if path == "before" else "target_only"

@@ -1,7 +1,7 @@
 """Batching encoded examples: padding with attention masks, a dummy image for text-only micro-batches, and a
 length-grouped batch order that keeps padding small.
 
-The encoded examples come from :meth:`rmpl_ds.backbones.base.BackboneAdapter.encode`. :class:`Collator` is a
+The encoded examples come from :meth:`rmpl_ds.backbones.adapter.BackboneAdapter.encode`. :class:`Collator` is a
 DataLoader ``collate_fn``; it returns the model's keyword arguments plus ``stats`` (a :class:`BatchStats`), which
 carries what the workers know about the batch (real tokens, target tokens, truncations) back to the training
 loop. ``model(**model_inputs(batch))`` runs the forward pass.

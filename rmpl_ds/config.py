@@ -40,16 +40,13 @@ import yaml
 from rmpl_ds.errors import ConfigError, UserError
 
 Task = Literal["t", "i", "r", "EM", "AR"]
-# Backbone family names: rmpl_ds.backbones maps each to its adapter; the names live here so that loading a
-# recipe never imports torch or transformers.
-Family = Literal["qwen2-vl", "qwen3-vl", "internvl3_5"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
-FAMILIES: tuple[str, ...] = typing.get_args(Family)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA hyperparameters; ``targets: null`` means the family's default language-model projections."""
+    """LoRA hyperparameters (the recipe's ``model.lora``, and what ``adapter.load`` takes); ``targets: null`` means
+    all of the family's language-model projections (its spec's ``lora_targets``)."""
 
     rank: int = 64
     alpha: int = 128
@@ -70,7 +67,7 @@ class ModelConfig:
     from the base model (no ``init_from``) may use it.
     """
 
-    family: Family
+    family: str
     path: str
     mode: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -183,6 +180,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TasksConfig:
+    """How targets are written. ``box_format``: ``native`` (the default) writes image arguments in the grounding
+    syntax the backbone was pretrained with (rmpl_ds.grounding); ``plain`` as ``role: [x1,y1,x2,y2]`` on 0-999."""
+
+    box_format: Literal["native", "plain"] = "native"
+
+
+@dataclass(frozen=True)
 class RawSource:
     """Where `rmpl-ds pipeline` builds a missing shard set from: a converter (``ace``, ``imsitu``, ``swig``, ``mnre``,
     ``m2e2``), its raw input and, for image sources, the image directory."""
@@ -208,6 +213,7 @@ class Recipe:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -372,6 +378,7 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
     model, launch, evaluation = recipe.model, recipe.launch, recipe.evaluation
     if not re.fullmatch(r"[A-Za-z0-9._-]+", str(recipe.name)):
         add("name", f"must be non-empty letters, digits, '.', '_' or '-', got {recipe.name!r}")
+    _validate_family(model, problems)
     _positive(problems, "model.lora.rank", model.lora.rank)
     _positive(problems, "model.lora.alpha", model.lora.alpha)
     if not 0 <= model.lora.dropout < 1:
@@ -435,6 +442,20 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
         earlier.setdefault(stage.name, index)
         _validate_stage(stage, key, recipe, world, world_keys, problems)
     return problems.messages()
+
+
+def _validate_family(model: ModelConfig, problems: Problems) -> None:
+    """The family is a registered one, and what the recipe says about it fits its spec (cheap: specs need no
+    torch)."""
+    from rmpl_ds.backbones import FAMILIES, get_spec
+
+    if model.family not in FAMILIES:
+        problems.add("model.family", f"must be one of {', '.join(FAMILIES)}; got {model.family!r}")
+        return
+    spec = get_spec(model.family)
+    if model.mode != "full":
+        for message in spec.lora_target_problems(model.lora.targets):
+            problems.add("model.lora.targets", message, depends=("model.family",))
 
 
 def _validate_stage(

@@ -18,6 +18,7 @@ import torch
 from rmpl_ds import records, tasks
 from rmpl_ds.config import Recipe, StageConfig
 from rmpl_ds.errors import UserError
+from rmpl_ds.grounding import PLAIN, BoxSyntax
 from rmpl_ds.loader import SlotDataset, build_loader, build_stream
 from rmpl_ds.log import get_logger
 from rmpl_ds.mixing import SlotStream
@@ -47,6 +48,7 @@ class Renderer:
     stream_index: dict[str, int]
     max_seq_len: int
     max_target_tokens: int | None = None
+    boxes: BoxSyntax = PLAIN  # how image arguments are written (the recipe's tasks.box_format for this backbone)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         index = self.stream_index[item["stream"]]
@@ -59,7 +61,7 @@ class Renderer:
         event_type = choose_event_type(record, np.random.default_rng(item["sample_seed"])) if task == "AR" else None
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
-        example = tasks.render(record, task, image=image, event_type=event_type)
+        example = tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
         encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens)
         encoded["stream_index"] = index
         encoded["loss_weight"] = self.loss_weights[index]
@@ -142,6 +144,7 @@ class StageData:
             stream_index={name: i for i, name in enumerate(names)},
             max_seq_len=recipe.model.max_seq_len,
             max_target_tokens=recipe.model.max_target_tokens,
+            boxes=bundle.box_syntax(recipe.tasks.box_format),
         )
         return cls(recipe, stage, stream, shards, renderer, StageCollator(bundle.collator()))
 

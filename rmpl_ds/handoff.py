@@ -37,9 +37,10 @@ def lineage(recipe: Recipe, stage_name: str) -> list[str]:
 
 
 def lineage_fingerprint(recipe: Recipe, stage_name: str) -> str:
-    """What an export of ``stage_name`` depends on: the base model, the sources and its stages' settings."""
+    """What an export of ``stage_name`` depends on: the base model, the sources, how targets are written and its
+    stages' settings."""
     stages = [recipe.stage(name) for name in lineage(recipe, stage_name)]
-    return fingerprint({"model": recipe.model, "sources": recipe.sources, "stages": stages})
+    return fingerprint({"model": recipe.model, "sources": recipe.sources, "tasks": recipe.tasks, "stages": stages})
 
 
 def export_path(stage_dir: Path) -> Path:
@@ -71,6 +72,7 @@ def write_export(
                 "base_model": base_model,
                 "lineage": lineage(recipe, stage_name),
                 "fingerprint": lineage_fingerprint(recipe, stage_name),
+                "box_format": recipe.tasks.box_format,
                 "files": file_hashes(staging, exclude=MANIFEST),
                 **(extra or {}),
             }

@@ -185,7 +185,7 @@ def evaluate(recipe: Recipe, name: str, model_dir: str, run_dir: Path, gpus: int
     if evaluation.m2e2 is None or evaluation.images is None:
         raise UserError("evaluation.m2e2 and evaluation.images must name the M2E2 annotations and image directories")
     out_dir = run_dir / "eval" / name
-    stamp = _model_stamp(Path(model_dir))
+    stamp = {**_model_stamp(Path(model_dir)), "box_format": recipe.tasks.box_format}
     scores_path, stamp_path = out_dir / "scores.json", out_dir / "model.json"
     if scores_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         log.info("eval %s: reusing %s", name, scores_path)
@@ -202,6 +202,7 @@ def evaluate(recipe: Recipe, name: str, model_dir: str, run_dir: Path, gpus: int
         gpus=1 if gpus < 1 else gpus,
         name=name,
         limit=evaluation.limit,
+        box_format=recipe.tasks.box_format,
     )
     stamp_path.write_text(json.dumps(stamp), encoding="utf-8")
     return scores

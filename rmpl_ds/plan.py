@@ -64,7 +64,7 @@ Activations with gradient checkpointing (per decoder layer, HF's default), bytes
                        ``next_pow2(ceil(T / ceil(V / h)))`` tokens (fp32 logits + gradient, 8 B x V each) plus an
                        fp32 [T, h] input gradient.
     vision tower       frozen: it keeps nothing for backward (no input-gradient hook reaches it, so autograd
-                       records no graph there; rmpl_ds.backbones.base); its forward transient is counted
+                       records no graph there; rmpl_ds.backbones.loading); its forward transient is counted
                        (conservatively, it precedes the LLM's peak): one attention score matrix ``heads x S^2 x e``
                        for the longest sequence S (eager/SDPA-math; FlashAttention-2 avoids it) plus the tower's
                        input and output hidden states for every image. Trained: the same checkpointing rule as the
@@ -99,6 +99,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from rmpl_ds.backbones import get_spec, specs
+from rmpl_ds.backbones.spec import LM_PROJECTIONS, FamilySpec, VisionGeometry
 from rmpl_ds.ds_config import bucket_elements
 from rmpl_ds.errors import ConfigError, UserError
 
@@ -125,7 +127,7 @@ DEEPSPEED_REDUCE_BUCKET_SIZE = 500_000_000
 # The largest micro-batch the search tries; a plan that fits even this reports it with a note.
 MAX_MICRO_BATCH_SEARCH = 256
 # PEFT target names of the LLM's seven projections: the family default when a recipe's lora.targets is null.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LORA_TARGETS: tuple[str, ...] = LM_PROJECTIONS
 
 Mode = Literal["lora", "qlora", "full"]
 MODES: tuple[str, ...] = ("lora", "qlora", "full")
@@ -134,21 +136,8 @@ LOSSES: tuple[str, ...] = ("target_only", "full_logits", "fused")
 DEFAULT_TARGET_TOKENS = 256
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
-# Backbone name -> full-size config shipped in rmpl_ds/model_configs (see shared/model_configs/README.md).
-BACKBONES: dict[str, str] = {
-    "qwen2-vl-7b": "Qwen2-VL-7B-Instruct.json",
-    "qwen3-vl-8b": "Qwen3-VL-8B-Instruct.json",
-    "internvl3_5-8b": "InternVL3_5-8B-HF.reconstructed.json",
-}
-# Recipe family -> (HF model_type, full-size backbone, directory name of the released checkpoint). A recipe whose
-# model.path is missing is planned from the full-size config only when the directory is named after the released
-# checkpoint (the paper recipes' models/Qwen2-VL-7B-Instruct): anything else (the demo's tiny model before it is
-# built) is an error rather than a plan for the wrong model.
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "qwen2-vl": ("qwen2_vl", "qwen2-vl-7b", "Qwen2-VL-7B-Instruct"),
-    "qwen3-vl": ("qwen3_vl", "qwen3-vl-8b", "Qwen3-VL-8B-Instruct"),
-    "internvl3_5": ("internvl", "internvl3_5-8b", "InternVL3_5-8B-HF"),
-}
+# Backbone name -> full-size config shipped in rmpl_ds/model_configs, from each family's spec.
+BACKBONES: dict[str, str] = {spec.size_name: spec.full_size_config for spec in specs()}
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -264,26 +253,6 @@ class TextGeometry:
 
 
 @dataclass(frozen=True)
-class VisionGeometry:
-    """The vision tower's shape and how an image becomes patches and LLM tokens.
-
-    ``kind`` "merge": Qwen-VL (patches of ``patch`` px on a grid rounded to ``patch x merge``, ``merge^2`` patches per
-    LLM token, one sequence per image). "tiles": InternVL (``tile`` px tiles, ``tokens_per_tile`` tokens and
-    ``patches_per_tile`` patches plus a CLS token per tile, one sequence per tile).
-    """
-
-    kind: Literal["merge", "tiles"]
-    depth: int
-    width: int
-    mlp_width: int
-    heads: int
-    patch: int
-    merge: int = 1
-    tile: int = 0
-    tokens_per_tile: int = 0
-
-
-@dataclass(frozen=True)
 class _Linear:
     name: str
     part: Literal["language", "vision", "projector"]
@@ -303,62 +272,14 @@ class _Architecture:
     vision: VisionGeometry
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where a model_type keeps its parts, by parameter-name prefix."""
-
-    language_prefixes: tuple[str, ...]
-    projector_prefixes: tuple[str, ...]
-
-
-# HF model_type -> layout (transformers 5 parameter names; everything else is the vision tower).
-LAYOUTS: dict[str, _Layout] = {
-    "qwen2_vl": _Layout(("model.language_model.", "lm_head."), ("model.visual.merger.",)),
-    "qwen3_vl": _Layout(
-        ("model.language_model.", "lm_head."), ("model.visual.merger.", "model.visual.deepstack_merger_list.")
-    ),
-    "internvl": _Layout(("model.language_model.", "lm_head."), ("model.multi_modal_projector.",)),
-}
-
-
-def _vision_geometry(model_type: str, hf_config: Any) -> VisionGeometry:
-    vision = hf_config.vision_config
-    if model_type == "qwen2_vl":
-        return VisionGeometry(
-            "merge",
-            depth=vision.depth,
-            width=vision.embed_dim,
-            mlp_width=int(vision.embed_dim * vision.mlp_ratio),
-            heads=vision.num_heads,
-            patch=vision.patch_size,
-            merge=vision.spatial_merge_size,
-        )
-    if model_type == "qwen3_vl":
-        return VisionGeometry(
-            "merge",
-            depth=vision.depth,
-            width=vision.hidden_size,
-            mlp_width=vision.intermediate_size,
-            heads=vision.num_heads,
-            patch=vision.patch_size,
-            merge=vision.spatial_merge_size,
-        )
-    patch = _first(vision.patch_size)
-    tile = _first(vision.image_size)
-    return VisionGeometry(
-        "tiles",
-        depth=vision.num_hidden_layers,
-        width=vision.hidden_size,
-        mlp_width=vision.intermediate_size,
-        heads=vision.num_attention_heads,
-        patch=patch,
-        tile=tile,
-        tokens_per_tile=round((tile // patch) ** 2 * hf_config.downsample_ratio**2),
+def _spec_of(model_type: Any) -> FamilySpec:
+    for spec in specs():
+        if spec.model_type == model_type:
+            return spec
+    raise UserError(
+        f"model_type {model_type!r} is not a family the planner knows; known: "
+        f"{', '.join(spec.model_type for spec in specs())} (the families of rmpl_ds.backbones)"
     )
-
-
-def _first(value: Any) -> int:
-    return int(value[0]) if isinstance(value, list | tuple) else int(value)
 
 
 def load_backbone(spec: str | Path | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -407,12 +328,7 @@ def lora_parameters(config_or_dir: str | Path | Mapping[str, Any], rank: int, ta
 
 
 def _architecture(config: dict[str, Any]) -> _Architecture:
-    model_type = config.get("model_type")
-    if model_type not in LAYOUTS:
-        raise UserError(
-            f"model_type {model_type!r} is not a family the planner knows; known: {', '.join(LAYOUTS)} "
-            "(the families of rmpl_ds.config.FAMILIES)"
-        )
+    _spec_of(config.get("model_type"))
     # The display name is not part of the architecture; leaving it out keeps one cache entry per architecture.
     return _instantiate(json.dumps({k: v for k, v in config.items() if k != "_name_or_path"}, sort_keys=True))
 
@@ -425,7 +341,7 @@ def _instantiate(config_json: str) -> _Architecture:
 
     raw = json.loads(config_json)
     model_type = raw.pop("model_type")
-    layout = LAYOUTS[model_type]
+    spec = _spec_of(model_type)
     try:
         hf_config = AutoConfig.for_model(model_type, **raw)
         # The meta device allocates nothing: the full-size model's module tree and shapes in about a second.
@@ -435,16 +351,16 @@ def _instantiate(config_json: str) -> _Architecture:
         raise UserError(f"cannot build a {model_type} model from its config: {error}") from None
 
     def part_of(name: str) -> Literal["language", "vision", "projector"]:
-        if name.startswith(layout.language_prefixes):
+        if spec.is_language_parameter(name):
             return "language"
-        return "projector" if name.startswith(layout.projector_prefixes) else "vision"
+        return "projector" if spec.is_projector_parameter(name) else "vision"
 
     totals = {"language": 0, "vision": 0, "projector": 0}
     # named_parameters() de-duplicates tied tensors, so a tied lm_head is counted once.
     for name, parameter in model.named_parameters():
         totals[part_of(name)] += parameter.numel()
     linears = tuple(
-        _Linear(name, part_of(name + "."), module.in_features, module.out_features)
+        _Linear(name, part_of(name), module.in_features, module.out_features)
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
     )
@@ -468,12 +384,12 @@ def _instantiate(config_json: str) -> _Architecture:
             kv_dim=text.num_key_value_heads * head_dim,
             vocab=text.vocab_size,
         ),
-        vision=_vision_geometry(model_type, hf_config),
+        vision=spec.vision_geometry(hf_config),
     )
 
 
 def _lora_linears(architecture: _Architecture, targets: tuple[str, ...] | None) -> list[_Linear]:
-    wanted = set(targets or DEFAULT_LORA_TARGETS)
+    wanted = set(targets or _spec_of(architecture.model_type).lora_targets)
     language = [lin for lin in architecture.linears if lin.part == "language"]
     chosen = [lin for lin in language if lin.name.rsplit(".", 1)[-1] in wanted]
     missing = wanted - {lin.name.rsplit(".", 1)[-1] for lin in chosen}
@@ -1036,8 +952,12 @@ def plan_recipe(
 
 
 def recipe_backbone(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+    """The recipe model's (display name, config): its directory's config.json, or the shipped full-size config when
+    the directory is missing and named after the released checkpoint (the paper recipes' models/Qwen2-VL-7B-Instruct);
+    anything else (the demo's tiny model before it is built) is an error rather than a plan for the wrong model."""
     model = recipe.model
-    model_type, full_size, checkpoint = FAMILIES[model.family]
+    spec = get_spec(model.family)
+    model_type, full_size, checkpoint = spec.model_type, spec.size_name, spec.checkpoint_dir
     path = Path(model.path)
     if (path / "config.json").is_file():
         name, config = load_backbone(path)

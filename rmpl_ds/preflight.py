@@ -115,7 +115,7 @@ def check_model_dir(family: str, path: str) -> None:
         where = "does not exist" if not Path(path).exists() else "has no config.json"
         raise UserError(
             f"{path} {where}. Download the weights once (on a machine with hub access) with "
-            f"`hf download {adapter.hub_name} --local-dir {path}` (the hf command comes with huggingface_hub), or "
+            f"`hf download {adapter.spec.hub_name} --local-dir {path}` (the hf command comes with huggingface_hub), or "
             "point the recipe at your copy with model.path=DIR"
         )
     try:

@@ -55,7 +55,8 @@ Boxes. A box is written ``[x1,y1,x2,y2]`` with integers in [0, 1000): ``x * 1000
 record's pixel box (clipped to the image), the Qwen2-VL grounding convention. It does not depend on any resize the
 backbone does. The parser maps a coordinate q back to the middle of the integer pixels x with ``x * 1000 // W == q``,
 using the width and height in ``example.meta``, so a recovered box is off by at most ``ceil(W / 1000)`` pixels
-(``ceil(H / 1000)`` vertically), and re-quantizing it gives q again.
+(``ceil(H / 1000)`` vertically), and re-quantizing it gives q again. That is the plain syntax; ``boxes=`` gives
+another (rmpl_ds.grounding: each backbone's own, on its own grid), with the same exact round trip.
 
 :func:`to_structure` gives a record's gold in exactly the shape :func:`parse` returns, after the same lossy steps
 (quantized boxes, joined token strings), so ``parse(t, render(r, t).target, example_meta=...) == to_structure(r, t)``
@@ -80,13 +81,13 @@ from typing import Any
 from PIL import Image
 
 from rmpl_ds.example import Example
+from rmpl_ds.grounding import PLAIN, BoxSyntax, dequantize_box, quantize_box
 from rmpl_ds.ontology import EVENT_TYPES, IMAGE_ROLES, RELATION_LABELS, TEXT_ROLES
 from rmpl_ds.records import Box, ImageRecord, Record, RelationPair, TextSentence
 
 Span = tuple[int, int]
 
 NONE = "none"
-BOX_SCALE = 1000
 # Characters that separate fields, arguments and occurrence markers; escaped with a backslash inside strings.
 _ESCAPED = frozenset("\\|;#")
 # The digits of an occurrence marker or a box coordinate (str.isdigit would also accept "²", which int() refuses).
@@ -160,12 +161,20 @@ class Parsed:
 # Public API
 
 
-def render(record: Record, task: str, *, image: Image.Image | None = None, event_type: str | None = None) -> Example:
+def render(
+    record: Record,
+    task: str,
+    *,
+    image: Image.Image | None = None,
+    event_type: str | None = None,
+    boxes: BoxSyntax = PLAIN,
+) -> Example:
     """Render ``record`` for ``task`` as one Example (schema-guided prompt, linearized gold target).
 
     ``image`` is the decoded image stored beside the record: required for image records and relation pairs, refused
     for sentences. ``event_type`` is required for ``AR`` (the type whose arguments are asked for; a type the record
-    does not have gives the target ``none``) and refused otherwise.
+    does not have gives the target ``none``) and refused otherwise. ``boxes`` is how image arguments are written
+    (rmpl_ds.grounding: the plain syntax, or the backbone's own).
 
     Raises ValueError for an unknown task, a record the task does not apply to, a missing/extra image or event
     type, an image whose aspect ratio differs from the record's size, or a record with an out-of-range span or an
@@ -175,15 +184,15 @@ def render(record: Record, task: str, *, image: Image.Image | None = None, event
     _check_applies(spec, record)
     _check_event_type(spec, event_type)
     _check_image(spec, record, image)
-    structure = to_structure(record, task, event_type=event_type)
+    structure = to_structure(record, task, event_type=event_type, boxes=boxes)
     meta = _meta(record, task, event_type)
-    system, prompt = _prompt(task, record, event_type)
+    system, prompt = _prompt(task, record, event_type, boxes)
     images = () if image is None else (image if image.mode == "RGB" else image.convert("RGB"),)
     return Example(
         task=task,
         system=system,
         prompt=prompt,
-        target=_linearize(structure, meta),
+        target=_linearize(structure, meta, boxes),
         images=images,
         source=getattr(record, "source", ""),
         key=getattr(record, "id", ""),
@@ -191,17 +200,19 @@ def render(record: Record, task: str, *, image: Image.Image | None = None, event
     )
 
 
-def render_all(record: Record, task: str, *, image: Image.Image | None = None) -> list[Example]:
+def render_all(
+    record: Record, task: str, *, image: Image.Image | None = None, boxes: BoxSyntax = PLAIN
+) -> list[Example]:
     """Every Example of ``record`` for ``task``: one per gold event type (in EVENT_TYPES order) for ``AR``, none for a
     record without events; exactly one for the other tasks. Raises as :func:`render` does."""
     if _task(task).name != "AR":
-        return [render(record, task, image=image)]
+        return [render(record, task, image=image, boxes=boxes)]
     _check_applies(TASKS["AR"], record)
     types_present = to_structure(record, "EM").event_types
-    return [render(record, task, image=image, event_type=event_type) for event_type in types_present]
+    return [render(record, task, image=image, event_type=event_type, boxes=boxes) for event_type in types_present]
 
 
-def to_structure(record: Record, task: str, event_type: str | None = None) -> Parsed:
+def to_structure(record: Record, task: str, event_type: str | None = None, boxes: BoxSyntax = PLAIN) -> Parsed:
     """The gold of ``record`` for ``task`` in the shape :func:`parse` returns (``errors == 0``).
 
     Lossy exactly as the target format is (see the module docstring): boxes are quantized and mapped back, strings
@@ -216,7 +227,7 @@ def to_structure(record: Record, task: str, event_type: str | None = None) -> Pa
                 f"{record.id}: relation {record.relation!r} is not one of the {len(RELATION_LABELS)} MNRE labels"
             )
         return Parsed(task=task, relation=record.relation)
-    events = _gold_text_events(record) if isinstance(record, TextSentence) else _gold_image_events(record)  # type: ignore[arg-type]
+    events = _gold_text_events(record) if isinstance(record, TextSentence) else _gold_image_events(record, boxes)  # type: ignore[arg-type]
     if task == "EM":
         return Parsed(task=task, event_types=_types_in_order(event.event_type for event in events))
     if task == "AR":
@@ -228,12 +239,13 @@ def to_structure(record: Record, task: str, event_type: str | None = None) -> Pa
     return Parsed(task=task, events=events)
 
 
-def parse(task: str, text: str, *, example_meta: dict[str, Any]) -> Parsed:
+def parse(task: str, text: str, *, example_meta: dict[str, Any], boxes: BoxSyntax = PLAIN) -> Parsed:
     """Read the structure back from generated ``text`` for ``task``; never raises on any text.
 
     ``example_meta`` is the rendered Example's ``meta`` (it carries the sentence tokens, the image size and the AR
-    event type). Malformed fragments are skipped or kept partially and counted in ``errors``. Raises ValueError
-    only for an unknown task or a meta dict that :func:`render` did not produce.
+    event type); ``boxes`` is the syntax the answer writes image arguments in. Malformed fragments are skipped or
+    kept partially and counted in ``errors``. Raises ValueError only for an unknown task or a meta dict that
+    :func:`render` did not produce.
     """
     spec = _task(task)
     modality = _meta_get(example_meta, "modality", str)
@@ -257,28 +269,9 @@ def parse(task: str, text: str, *, example_meta: dict[str, Any]) -> Parsed:
         return Parsed(task=task, events=events, errors=errors)
     size = (_meta_get(example_meta, "width", int), _meta_get(example_meta, "height", int))
     if spec.name == "AR":
-        return _parse_image_arguments(lines, _meta_get(example_meta, "event_type", str), size)
-    events, errors = _parse_image_events(lines, size)
+        return _parse_image_arguments(lines, _meta_get(example_meta, "event_type", str), size, boxes)
+    events, errors = _parse_image_events(lines, size, boxes)
     return Parsed(task=task, events=events, errors=errors)
-
-
-def quantize_box(box: Box, width: int, height: int) -> Box:
-    """A pixel box as integers in [0, 1000) normalized by the image size (clipped to the image first).
-
-    Raises ValueError unless width and height are positive.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"cannot normalize a box by an image size of {width}x{height}")
-    x1, y1, x2, y2 = (
-        min(max(value, 0), limit) for value, limit in zip(box, (width, height, width, height), strict=True)
-    )
-    return (_quantize(x1, width), _quantize(y1, height), _quantize(x2, width), _quantize(y2, height))
-
-
-def dequantize_box(box: Box, width: int, height: int) -> Box:
-    """The pixel box in the middle of a quantized box's bins; ``quantize_box`` of it gives ``box`` back."""
-    x1, y1, x2, y2 = box
-    return (_dequantize(x1, width), _dequantize(y1, height), _dequantize(x2, width), _dequantize(y2, height))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,11 +357,7 @@ def _schema(roles: dict[str, tuple[str, ...]]) -> str:
     return "\n".join(f"{event_type} ({', '.join(roles[event_type])})" for event_type in EVENT_TYPES)
 
 
-_BOXES = "role: [x1,y1,x2,y2] ; role: [x1,y1,x2,y2]"
-_BOX_NOTE = "coordinates 0-999 of the image width and height"
-
-
-def _prompt(task: str, record: Record, event_type: str | None) -> tuple[str, str]:
+def _prompt(task: str, record: Record, event_type: str | None, boxes: BoxSyntax = PLAIN) -> tuple[str, str]:
     """(system, user text) for a task; the image, if any, is shown before the user text."""
     if isinstance(record, RelationPair):
         system = "Classify the relation between two entities of a post and its image. Relations: " + ", ".join(
@@ -394,7 +383,7 @@ def _prompt(task: str, record: Record, event_type: str | None) -> tuple[str, str
             line = "trigger | role: argument ; role: argument"
             return system, f"{asked}One line per {event_type} event: {line}. Write none if there is no such event."
         system = "Locate the arguments of an event in the image."
-        return system, f"{asked}Answer {_BOXES} ({_BOX_NOTE}), or none."
+        return system, f"{asked}Answer {boxes.example()} ({boxes.note}), or none."
     if is_text:
         system = "Extract the events of the sentence. Event types (argument roles):\n" + _schema(TEXT_ROLES)
         line = "type | trigger | role: argument ; role: argument"
@@ -402,7 +391,7 @@ def _prompt(task: str, record: Record, event_type: str | None) -> tuple[str, str
     system = "Extract the events shown in the image. Event types (argument roles):\n" + _schema(IMAGE_ROLES)
     return (
         system,
-        f"One event per line: type | {_BOXES} ({_BOX_NOTE}). Write none if there is no event.",
+        f"One event per line: type | {boxes.example()} ({boxes.note}). Write none if there is no event.",
     )
 
 
@@ -452,7 +441,7 @@ def _args_key(event: ParsedEvent) -> tuple[Any, ...]:
     return tuple((arg.role, arg.span or (-1, -1), arg.box or (-1, -1, -1, -1)) for arg in event.arguments)
 
 
-def _gold_image_events(record: ImageRecord) -> tuple[ParsedEvent, ...]:
+def _gold_image_events(record: ImageRecord, boxes: BoxSyntax = PLAIN) -> tuple[ParsedEvent, ...]:
     events = []
     for event in record.events:
         if event.event_type not in IMAGE_ROLES:
@@ -467,8 +456,11 @@ def _gold_image_events(record: ImageRecord) -> tuple[ParsedEvent, ...]:
                 raise ValueError(
                     f"image record {record.id!r}: {argument.role} box {argument.box} has x1 > x2 or y1 > y2"
                 )
-            quantized = quantize_box(argument.box, record.width, record.height)
-            grounded.append(ParsedArgument(argument.role, box=dequantize_box(quantized, record.width, record.height)))
+            grid = boxes.grid(record.width, record.height)
+            quantized = quantize_box(argument.box, record.width, record.height, grid)
+            grounded.append(
+                ParsedArgument(argument.role, box=dequantize_box(quantized, record.width, record.height, grid))
+            )
         events.append(ParsedEvent(event.event_type, arguments=_sorted_unique_boxes(event.event_type, grounded)))
     events.sort(key=lambda event: (EVENT_TYPES.index(event.event_type), _args_key(event)))
     return tuple(events)
@@ -637,7 +629,7 @@ def _written(sentence: _Sentence, span: Span, chosen: Span | None) -> str:
 # Linearization
 
 
-def _linearize(structure: Parsed, meta: dict[str, Any]) -> str:
+def _linearize(structure: Parsed, meta: dict[str, Any], boxes: BoxSyntax = PLAIN) -> str:
     task = structure.task
     if task == "r":
         return structure.relation or ""
@@ -648,9 +640,9 @@ def _linearize(structure: Parsed, meta: dict[str, Any]) -> str:
     if meta["modality"] == "image":
         size = (meta["width"], meta["height"])
         if task == "AR":
-            return _written_boxes(structure.events[0], size)
+            return _written_boxes(structure.events[0], size, boxes)
         return "\n".join(
-            " | ".join(field for field in (event.event_type, _written_boxes(event, size)) if field)
+            " | ".join(field for field in (event.event_type, _written_boxes(event, size, boxes)) if field)
             for event in structure.events
         )
     return _written_text_events(structure.events, _Sentence(meta["tokens"]), with_type=task != "AR")
@@ -681,25 +673,13 @@ def _written_text_events(events: Sequence[ParsedEvent], sentence: _Sentence, *, 
     return "\n".join(lines)
 
 
-def _written_boxes(event: ParsedEvent, size: tuple[int, int]) -> str:
+def _written_boxes(event: ParsedEvent, size: tuple[int, int], boxes: BoxSyntax) -> str:
     width, height = size
+    grid = boxes.grid(width, height)
     return " ; ".join(
-        f"{argument.role}: [{','.join(str(value) for value in quantize_box(argument.box, width, height))}]"  # type: ignore[arg-type]
+        boxes.write(argument.role, quantize_box(argument.box, width, height, grid))  # type: ignore[arg-type]
         for argument in event.arguments
     )
-
-
-def _quantize(value: int, limit: int) -> int:
-    return min(value * BOX_SCALE // limit, BOX_SCALE - 1)
-
-
-def _dequantize(value: int, limit: int) -> int:
-    # The middle of the integer pixels that quantize to ``value``, so that quantizing the result gives ``value``
-    # back whenever some pixel does (always for a value that came from a pixel); a rendered box re-reads exactly.
-    first = -(-value * limit // BOX_SCALE)
-    last = -(-(value + 1) * limit // BOX_SCALE) - 1
-    middle = (first + last) // 2 if first <= last else first
-    return min(max(middle, 0), limit)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -821,67 +801,70 @@ def _parse_text_argument(
     return ParsedArgument(role, text=text, span=span), errors
 
 
-def _parse_image_events(lines: list[str], size: tuple[int, int]) -> tuple[tuple[ParsedEvent, ...], int]:
+# A field separator of an image line: a bar that is not part of a ``<|special|>`` token of a native box syntax.
+_FIELD = re.compile(r"(?<!<)\|(?!>)")
+
+
+def _parse_image_events(
+    lines: list[str], size: tuple[int, int], boxes: BoxSyntax
+) -> tuple[tuple[ParsedEvent, ...], int]:
     """Image event lines: ``type | role: box ; role: box``."""
     events = []
     errors = 0
     for line in lines:
-        fields = [field.strip() for field in line.split("|")]
+        fields = [field.strip() for field in _FIELD.split(line)]
         event_type = _match(fields[0], EVENT_TYPES)
         if event_type is None:
             errors += 1
             continue
         errors += max(len(fields) - 2, 0)
-        arguments, argument_errors = _parse_box_arguments(fields[1:], event_type, size)
+        arguments, argument_errors = _parse_box_arguments(fields[1:], event_type, size, boxes)
         events.append(ParsedEvent(event_type, arguments=arguments))
         errors += argument_errors
     return tuple(events), errors
 
 
-def _parse_image_arguments(lines: list[str], event_type: str, size: tuple[int, int]) -> Parsed:
+def _parse_image_arguments(lines: list[str], event_type: str, size: tuple[int, int], boxes: BoxSyntax) -> Parsed:
     """Image AR: ``role: box ; role: box`` (boxes on several lines are read as one list)."""
-    fields = [field.strip() for line in lines for field in line.split("|")]
+    fields = [field.strip() for line in lines for field in _FIELD.split(line)]
     errors = max(len(fields) - len(lines), 0)
-    arguments, argument_errors = _parse_box_arguments(fields, event_type, size)
+    arguments, argument_errors = _parse_box_arguments(fields, event_type, size, boxes)
     events = (ParsedEvent(event_type, arguments=arguments),) if arguments else ()
     return Parsed(task="AR", events=events, errors=errors + argument_errors)
 
 
-_BOX = re.compile(r"[\[(]([^\[\]()]*)[\])]")
-
-
 def _parse_box_arguments(
-    fields: Sequence[str], event_type: str, size: tuple[int, int]
+    fields: Sequence[str], event_type: str, size: tuple[int, int], boxes: BoxSyntax
 ) -> tuple[tuple[ParsedArgument, ...], int]:
     arguments: list[ParsedArgument] = []
     errors = 0
+    grid = boxes.grid(*size)
     for field in fields:
         for item in field.split(";"):
             if not item.strip():
                 continue
-            role_text, colon, value = item.partition(":")
-            role = _match(role_text, IMAGE_ROLES[event_type])
-            if not colon or role is None:
+            role_text, found, malformed = boxes.read_item(item)
+            role = _match(role_text, IMAGE_ROLES[event_type]) if role_text is not None else None
+            if role is None:
                 errors += 1
                 continue
-            boxes = _BOX.findall(value)
-            leftover = _BOX.sub("", value).replace(",", "").strip()
-            errors += bool(leftover) or not boxes
-            for inside in boxes:
-                box = _read_box(inside, size)
-                if box is None:
+            errors += malformed
+            for box in found:
+                on_grid = _on_grid(box, grid)
+                if on_grid is None:
                     errors += 1
                 else:
-                    arguments.append(ParsedArgument(role, box=box))
+                    arguments.append(ParsedArgument(role, box=dequantize_box(on_grid, *size, grid)))
     return tuple(arguments), errors
 
 
-def _read_box(inside: str, size: tuple[int, int]) -> Box | None:
-    """Four integers in [0, 1000] with x1 <= x2 and y1 <= y2, mapped to pixels; None if not."""
-    parts = [part.strip() for part in inside.split(",")]
-    if len(parts) != 4 or not all(_NUMBER.fullmatch(part) for part in parts):
+def _on_grid(box: Box | None, grid: tuple[int, int]) -> Box | None:
+    """A read box within the grid (a coordinate equal to the grid size, the last bin's far edge, is the last bin);
+    None beyond it."""
+    if box is None:
         return None
-    x1, y1, x2, y2 = (min(int(part), BOX_SCALE - 1) if int(part) <= BOX_SCALE else -1 for part in parts)
-    if min(x1, y1, x2, y2) < 0 or x1 > x2 or y1 > y2:
+    limits = (grid[0], grid[1], grid[0], grid[1])
+    if any(value > limit for value, limit in zip(box, limits, strict=True)):
         return None
-    return dequantize_box((x1, y1, x2, y2), *size)
+    x1, y1, x2, y2 = (min(value, limit - 1) for value, limit in zip(box, limits, strict=True))
+    return (x1, y1, x2, y2)

@@ -323,7 +323,7 @@ def load_model(
     paths: StageRun, device: torch.device, zero: int, init_export: tuple[Path, dict[str, Any]] | None
 ) -> tuple[Any, Any, str]:
     """The stage's starting model: the recipe's base, or the (verified) export of the ``init_from`` stage."""
-    from rmpl_ds.backbones import LoraSettings, get_adapter
+    from rmpl_ds.backbones import get_adapter
 
     recipe, stage = paths.recipe, paths.stage
     model_cfg = recipe.model
@@ -339,11 +339,10 @@ def load_model(
             "stage %s starts from %s (export of %s, step %d)", stage.name, export, stage.init_from, manifest["step"]
         )
     adapter = get_adapter(model_cfg.family)
-    lora = model_cfg.lora
     model, bundle = adapter.load(
         path,
         model_cfg.mode,
-        lora=LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets),
+        lora=model_cfg.lora,
         train_vision_tower=model_cfg.train_vision_tower,
         train_projector=model_cfg.train_projector,
         gradient_checkpointing=model_cfg.gradient_checkpointing,

@@ -14,8 +14,9 @@ from safetensors import safe_open
 
 from rmpl_ds import ontology
 from rmpl_ds.backbones import FAMILIES, get_adapter
-from rmpl_ds.backbones.base import IGNORE_INDEX, ProcessorBundle, SequenceTooLongError
+from rmpl_ds.backbones.adapter import ProcessorBundle, SequenceTooLongError
 from rmpl_ds.backbones.tiny import build_tiny
+from rmpl_ds.constants import IGNORE_INDEX
 from rmpl_ds.errors import UserError
 from rmpl_ds.example import Example
 
@@ -57,7 +58,7 @@ def test_chat_format_has_the_family_shape(bundle: ProcessorBundle) -> None:
         f"<|im_start|>assistant\n{TARGET}<|im_end|>\n"
     )
     # the tiny checkpoint carries the same template, so tools that read the tokenizer's own template agree
-    assert bundle.tokenizer.chat_template == bundle.adapter.chat_template
+    assert bundle.tokenizer.chat_template == bundle.spec.chat_template
 
 
 def test_labels_cover_exactly_the_target_and_its_end_of_turn(bundle: ProcessorBundle) -> None:
@@ -184,7 +185,7 @@ def test_a_prompt_that_does_not_fit_is_an_error(bundle: ProcessorBundle) -> None
 
 
 def test_image_tokens_in_the_text_are_refused(bundle: ProcessorBundle) -> None:
-    injected = _example(n_images=0, prompt=f"look {bundle.adapter.image_token}")
+    injected = _example(n_images=0, prompt=f"look {bundle.spec.image_token}")
     with pytest.raises(UserError, match="0 image\\(s\\) but the rendered prompt has 1"):
         bundle.encode(injected, max_seq_len=1024)
 

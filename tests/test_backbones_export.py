@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from rmpl_ds.backbones import FAMILIES, LoraSettings, get_adapter
-from rmpl_ds.backbones.base import ProcessorBundle
+from rmpl_ds.backbones import FAMILIES, get_adapter
+from rmpl_ds.backbones.adapter import ProcessorBundle
+from rmpl_ds.backbones.loading import model_class
 from rmpl_ds.collate import model_inputs
+from rmpl_ds.config import LoraConfig
 from rmpl_ds.errors import UserError
+from rmpl_ds.evaluate.generate import generate
 from rmpl_ds.example import Example
 
 SYSTEM = "Extract events. Types: Conflict:Attack (Attacker, Target)."
@@ -66,14 +69,14 @@ def test_lora_adapter_and_merged_exports_reproduce_the_model(
     _perturb_adapters(model)
     batch = _batch(bundle)
     trained = _logits(model, batch)
-    base_only = _logits(adapter.model_class().from_pretrained(base_dir, dtype=torch.float32), batch)
+    base_only = _logits(model_class(adapter.spec).from_pretrained(base_dir, dtype=torch.float32), batch)
     assert (trained - base_only).abs().max() > 1e-2  # the adapter changes the outputs
 
     adapter_dir = adapter.export_adapter(model, tmp_path / "adapter", bundle)
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
         path.name for path in adapter_dir.iterdir()
     }
-    fresh_base = adapter.model_class().from_pretrained(base_dir, dtype=torch.float32)
+    fresh_base = model_class(adapter.spec).from_pretrained(base_dir, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(fresh_base, adapter_dir)
     assert torch.allclose(_logits(reloaded, batch), trained, atol=1e-5)
 
@@ -93,7 +96,7 @@ def test_qlora_exports(family: str, tiny_model_dir: Callable[[str], Path], tmp_p
     adapter = get_adapter(family)
     base_dir = tiny_model_dir(family)
     # fp32 compute keeps the comparison exact up to the NF4 weights themselves
-    model, bundle = adapter.load(base_dir, "qlora", dtype=torch.float32, lora=LoraSettings(dropout=0.0))
+    model, bundle = adapter.load(base_dir, "qlora", dtype=torch.float32, lora=LoraConfig(dropout=0.0))
     _perturb_adapters(model)
     batch = _batch(bundle)
     # training (grad) and evaluation (no-grad) compute with the same 4-bit weights: bitsandbytes' CPU inference
@@ -113,7 +116,7 @@ def test_qlora_exports(family: str, tiny_model_dir: Callable[[str], Path], tmp_p
     assert "quantization_config" not in (merged_dir / "config.json").read_text()
     merged, _ = adapter.load(merged_dir, "full", dtype=torch.float32)
     assert torch.allclose(_logits(merged, batch), exact, atol=1e-4)
-    unmerged_base = _logits(adapter.model_class().from_pretrained(base_dir, dtype=torch.float32), batch)
+    unmerged_base = _logits(model_class(adapter.spec).from_pretrained(base_dir, dtype=torch.float32), batch)
     assert (unmerged_base - exact).abs().max() > 1e-2  # the NF4 base and the adapter both show
 
     # the default export dtype is bf16
@@ -146,8 +149,8 @@ def test_batched_greedy_generation_matches_one_at_a_time(family: str, tiny_model
     model, bundle = adapter.load(tiny_model_dir(family), "lora", dtype=torch.float32)
     _perturb_adapters(model)
     examples = _examples()
-    batched = adapter.generate(model, bundle, examples, max_new_tokens=6)
-    single = [adapter.generate(model, bundle, [example], max_new_tokens=6)[0] for example in examples]
+    batched = generate(model, bundle, examples, max_new_tokens=6)
+    single = [generate(model, bundle, [example], max_new_tokens=6)[0] for example in examples]
     assert batched == single
     assert all(isinstance(answer, str) and answer for answer in batched)
     assert model.training  # generation restores train mode
@@ -180,5 +183,5 @@ def test_qlora_merge_survives_cpu_inference_repacking(tiny_model_dir: Callable[[
         if isinstance(module, bnb.nn.Linear4bit)
     )
     merged_dir = adapter.merge_and_export(model, tmp_path / "merged", bundle, dtype=torch.float32)
-    merged = adapter.model_class().from_pretrained(merged_dir, dtype=torch.float32).state_dict()
+    merged = model_class(adapter.spec).from_pretrained(merged_dir, dtype=torch.float32).state_dict()
     assert max((merged[key] - value).abs().max().item() for key, value in expected.items()) < 1e-3

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rmpl_ds.backbones import FAMILIES, MODES, get_adapter
-from rmpl_ds.backbones.base import count_parameters
+from rmpl_ds.backbones import FAMILIES, get_adapter
+from rmpl_ds.backbones.loading import MODES, count_parameters
 from rmpl_ds.collate import Collator, model_inputs
 from rmpl_ds.errors import UserError
 from rmpl_ds.example import Example
@@ -60,8 +60,8 @@ def test_forward_backward_in_every_mode(family: str, mode: str, tiny_model_dir: 
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
     assert all(p.grad is None for p in frozen.values())
     assert any(p.grad.abs().sum() > 0 for p in trainable.values())
-    assert not any(adapter.is_vision_tower_parameter(name) for name in trainable)  # frozen by default
-    assert not any(adapter.is_projector_parameter(name) for name in trainable)
+    assert not any(adapter.spec.is_vision_tower_parameter(name) for name in trainable)  # frozen by default
+    assert not any(adapter.spec.is_projector_parameter(name) for name in trainable)
     if mode == "full":
         assert all(name.startswith(("model.language_model.", "lm_head.")) for name in trainable)
         assert len(trainable) == sum(
@@ -94,7 +94,7 @@ def test_qlora_weights_are_nf4_with_double_quantization(family: str, tiny_model_
     }
     layers = model.config.get_text_config().num_hidden_layers
     assert len(quantized) == 7 * layers
-    assert all(name.startswith(adapter.language_model_prefix + ".layers.") for name in quantized)
+    assert all(name.startswith(adapter.spec.language_model_prefix + ".layers.") for name in quantized)
     for module in quantized.values():
         weight = module.weight
         assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.uint8
@@ -105,7 +105,7 @@ def test_qlora_weights_are_nf4_with_double_quantization(family: str, tiny_model_
     vision_linears = [
         relative(name)
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and relative(name).startswith(adapter.vision_tower_prefix)
+        if type(module) is torch.nn.Linear and relative(name).startswith(adapter.spec.vision_tower_prefix)
     ]
     assert vision_linears
     assert not isinstance(model.get_base_model().lm_head, bnb.nn.Linear4bit)
@@ -143,7 +143,7 @@ def test_text_only_batch_runs_the_vision_tower_without_changing_the_loss(
     visual = [
         (name, p)
         for name, p in model.named_parameters()
-        if adapter.is_vision_tower_parameter(name) or adapter.is_projector_parameter(name)
+        if adapter.spec.is_vision_tower_parameter(name) or adapter.spec.is_projector_parameter(name)
     ]
     assert visual and all(p.requires_grad for _, p in visual)
     # every vision/projector weight took part in the backward pass (so ZeRO's gradient hooks fire on this rank)

@@ -58,6 +58,36 @@ def test_malformed_recipe_prints_every_problem_and_exits_2(tmp_path: Path) -> No
         assert line in result.stderr
 
 
+def test_a_bad_lora_target_is_refused_at_recipe_load_with_the_other_problems() -> None:
+    """Before any process starts: `rmpl-ds check` names model.lora.targets (and the unknown name) next to the
+    other problems, exit 2."""
+    recipe = ROOT / "launch/recipes/rmpl_qwen2vl_7b.yaml"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "rmpl_ds", "check", str(recipe),
+            "model.lora.targets=[q_proj,bogus]", "model.family=qwen3-vl", "stages.stage1.lr=-1",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "2 problems:" in result.stderr
+    assert "model.lora.targets: must be a non-empty subset of qwen3-vl's language-model projections" in result.stderr
+    assert "('bogus' unknown)" in result.stderr
+    assert "stages[0].lr: must be > 0" in result.stderr
+    unknown_family = subprocess.run(
+        [sys.executable, "-m", "rmpl_ds", "check", str(recipe), "model.family=qwen9-vl"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert unknown_family.returncode == 2
+    assert "model.family: must be one of qwen2-vl, qwen3-vl, internvl3_5" in unknown_family.stderr
+    assert "got 'qwen9-vl'" in unknown_family.stderr
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "rmpl_ds", "--debug", "check", str(tmp_path / "missing.yaml")],

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmpl_ds.backbones import get_adapter
-from rmpl_ds.backbones.base import IGNORE_INDEX
 from rmpl_ds.collate import Collator, length_grouped_batches, model_inputs, real_token_fraction
+from rmpl_ds.constants import IGNORE_INDEX
 
 PAD = 0
 
@@ -180,13 +180,15 @@ def _as_trained(tiny_dir: Path, demo_shards: dict[str, Path], stage_name: str, s
     return {"batches": batches, "max_seq_len": recipe.model.max_seq_len}
 
 
-@pytest.mark.parametrize(("stage_name", "floor"), [("stage1", 0.75), ("stage2", 0.75)])
+@pytest.mark.parametrize(("stage_name", "floor"), [("stage1", 0.8), ("stage2", 0.7)])
 def test_real_token_fraction_training_gets_on_the_demo_mixture(
     tiny_model_dir: Callable[[str], Path], demo_shards: dict[str, Path], stage_name: str, floor: float
 ) -> None:
     # The micro-batches as the loader hands them out (contiguous slots, no length grouping): padded to their
-    # longest row, never to max_seq_len. Here 0.83 on both stages' first 12 steps; bench/bench_padding.py measures
-    # the same path over every slot of both stages (0.83 / 0.84); padding to max_seq_len gives 0.35 / 0.18.
+    # longest row, never to max_seq_len. Here 0.85 / 0.75 on the stages' first 12 steps with the native Qwen2-VL
+    # boxes (the demo's default; 0.83 / 0.83 with tasks.box_format=plain, whose image targets vary less in length);
+    # bench/bench_padding.py measures the same path over every slot of both stages; padding to max_seq_len gives
+    # 0.35 / 0.18.
     found = _as_trained(tiny_model_dir("qwen2-vl"), demo_shards, stage_name, steps=12)
     real = slots = 0
     for batch in found["batches"]:

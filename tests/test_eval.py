@@ -153,9 +153,9 @@ def test_predict_m2e2_in_process_asks_ar_for_each_type(
 ) -> None:
     from rmpl_ds.evaluate.infer import load_for_inference, predict_m2e2, resolve_model
 
-    model, bundle, adapter = load_for_inference(resolve_model(tiny_model_dir("qwen2-vl")), "cpu")
+    model, bundle = load_for_inference(resolve_model(tiny_model_dir("qwen2-vl")), "cpu")
     predictions, stats = predict_m2e2(
-        model, bundle, adapter, gold, images_dir=demo / "image", limit=3, max_new_tokens=8, oracle_types=True
+        model, bundle, gold, images_dir=demo / "image", limit=3, max_new_tokens=8, oracle_types=True
     )
     wanted = {(s.id, event.event_type) for s in gold.sentences[:3] for event in s.events}
     assert {(line.sentence_id, line.event_type) for line in predictions.text} == wanted

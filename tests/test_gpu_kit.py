@@ -226,7 +226,7 @@ def test_full_size_model_directory_has_the_published_shapes_and_tiny_tokenizer_i
     model_dir = kit.write_model_dir("qwen2-vl", tmp_path / "qwen2-vl", full_size=True)
     adapter = get_adapter("qwen2-vl")
     bundle = adapter.load_processor(model_dir)
-    published = adapter.full_size_config_dict()
+    published = adapter.spec.full_size_config_dict()
     assert bundle.config.get_text_config().hidden_size == published["hidden_size"] == 3584
     assert bundle.config.get_text_config().vocab_size == published["vocab_size"] == 152_064
     assert bundle.config.image_token_id == bundle.special.image < 5000  # the tiny tokenizer's id, checked at load
@@ -238,11 +238,12 @@ def test_random_init_builds_the_same_model_for_the_same_seed_and_quantizes_it(ti
     import bitsandbytes as bnb
     import torch
 
-    from rmpl_ds.backbones import LoraSettings, get_adapter
+    from rmpl_ds.backbones import get_adapter
+    from rmpl_ds.config import LoraConfig
 
     adapter = get_adapter("qwen2-vl")
     path = tiny_model_dir("qwen2-vl")
-    settings = LoraSettings(rank=4, alpha=8)
+    settings = LoraConfig(rank=4, alpha=8)
 
     def weights(mode: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
         torch.manual_seed(seed)

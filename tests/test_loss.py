@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F  # noqa: N812
 
-from rmpl_ds.backbones import FAMILIES, MODES, get_adapter
+from rmpl_ds.backbones import FAMILIES, get_adapter
+from rmpl_ds.backbones.loading import MODES
 from rmpl_ds.collate import model_inputs
 from rmpl_ds.constants import IGNORE_INDEX
 from rmpl_ds.example import Example
@@ -160,13 +161,13 @@ def test_target_only_and_full_logits_agree_on_every_family(
 def _vision_outputs_with_grad(model: Any, adapter: Any, batch: dict[str, Any]) -> tuple[int, list[str]]:
     """(vision-tower modules that ran, those whose output joined the autograd graph), projector excluded."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tower = base.get_submodule(adapter.vision_tower_prefix)
+    tower = base.get_submodule(adapter.spec.vision_tower_prefix)
     ran: list[str] = []
     with_grad: list[str] = []
     handles = []
     for name, module in tower.named_modules():
-        full_name = f"{adapter.vision_tower_prefix}.{name}" if name else adapter.vision_tower_prefix
-        if adapter.is_projector_parameter(full_name + ".weight") or full_name in adapter.projector_modules:
+        full_name = f"{adapter.spec.vision_tower_prefix}.{name}" if name else adapter.spec.vision_tower_prefix
+        if adapter.spec.is_projector_parameter(full_name + ".weight") or full_name in adapter.spec.projector_modules:
             continue
 
         def record(module: Any, inputs: Any, output: Any, full_name: str = full_name) -> None:
@@ -205,7 +206,7 @@ def test_a_frozen_vision_tower_gets_no_autograd_graph(
     projector_grads = [
         p.grad
         for name, p in model.named_parameters()
-        if p.requires_grad and adapter.is_projector_parameter(name.removeprefix("base_model.model."))
+        if p.requires_grad and adapter.spec.is_projector_parameter(name.removeprefix("base_model.model."))
     ]
     assert projector_grads and all(grad is not None for grad in projector_grads)
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from rmpl_ds.backbones import get_spec
 from rmpl_ds.config import Recipe, StreamConfig, batch_plan, load_recipe, to_dict
 from rmpl_ds.ds_config import load_ds_config, zero_stage
-from rmpl_ds.plan import FAMILIES, PlanSettings, check_fits, plan_memory, plan_recipe
+from rmpl_ds.plan import PlanSettings, check_fits, plan_memory, plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = ROOT / "launch" / "recipes"
@@ -113,7 +114,7 @@ def test_backbone_recipes(name: str) -> None:
     assert r.model.path == str(ROOT / "models" / checkpoint)  # ../../models/... from launch/recipes
     assert (r.model.max_image_tokens, r.model.max_seq_len) == (image_tokens, max_seq_len)
     # The cap is what the family's processor makes of a 512x512 image, so no image is squeezed below it.
-    full_size = FAMILIES[family][1]
+    full_size = get_spec(family).size_name
     assert plan_memory(PlanSettings(full_size, image_size=IMAGE_SIZE)).image_tokens == image_tokens
     stage1, stage2 = r.stages
     assert streams(stage1) == {"ace:t": 1.0, "swig:i": 1.0, "mnre:r": 1.0}

@@ -130,16 +130,18 @@ def write_model_dir(family: str, out_dir: Path, *, full_size: bool) -> Path:
     """A Hugging Face directory without weights, for ``model.init: random``: the full-size config (``full_size``)
     or the tiny one, the tiny family tokenizer, and the published (full size) or tiny preprocessor settings."""
     from rmpl_ds.backbones import get_adapter
+    from rmpl_ds.backbones.loading import config_from_dict
     from rmpl_ds.backbones.tiny import VOCAB_MULTIPLE, train_tokenizer
 
     adapter = get_adapter(family)
+    spec = adapter.spec
     tokenizer = train_tokenizer(family)
     vocab = tokenizer.get_vocab()
-    token_ids = {token: vocab[token] for token in adapter.special_tokens}
+    token_ids = {token: vocab[token] for token in spec.special_tokens}
     tiny_vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     tiny = adapter.tiny_config_dict(token_ids, tiny_vocab)
     if full_size:
-        config = adapter.full_size_config_dict()
+        config = spec.full_size_config_dict()
         # Only the special-token ids change: they must be the tokenizer's (M-RoPE finds images by them).
         for section in (None, "text_config", "vision_config"):
             source = tiny if section is None else tiny.get(section, {})
@@ -148,12 +150,12 @@ def write_model_dir(family: str, out_dir: Path, *, full_size: bool) -> Path:
                 if key.endswith("_token_id") and isinstance(target, dict):
                     target[key] = value
         preprocessor = {
-            **adapter.reference_preprocessor,
+            **spec.reference_preprocessor,
             **{key: adapter.tiny_preprocessor()[key] for key in ("image_processor_type", "processor_class")},
         }
     else:
         config, preprocessor = tiny, adapter.tiny_preprocessor()
-    hf_config = adapter.config_from_dict(config)
+    hf_config = config_from_dict(spec, config)
     vocab_size = hf_config.get_text_config().vocab_size
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{family}: tokenizer ids up to {max(vocab.values())} do not fit the vocabulary {vocab_size}")
@@ -170,7 +172,7 @@ def write_model_dir(family: str, out_dir: Path, *, full_size: bool) -> Path:
         json.dumps(
             {
                 "family": family,
-                "config": adapter.full_size_config if full_size else "tiny",
+                "config": spec.full_size_config if full_size else "tiny",
                 "note": "no weights: train with model.init random (bench/gpu/kit.py); tokenizer from "
                 "rmpl_ds.backbones.tiny",
             },
@@ -553,12 +555,13 @@ def meta_check(case: Case, model_dir: Path, predicted: dict[str, Any]) -> dict[s
     ``random_init`` on the meta device (no memory), its LoRA adapters attached as the stage attaches them, and its
     parameter counts held against the planner's. NF4 quantization needs real tensors, so a QLoRA case checks its
     architecture and adapters in lora mode (the CPU smoke quantizes the tiny model for real)."""
-    from rmpl_ds.backbones import LoraSettings, get_adapter
+    from rmpl_ds.backbones import get_adapter
+    from rmpl_ds.config import LoraConfig
 
     model, _ = get_adapter(case.family).load(
         model_dir,
         "lora",
-        lora=LoraSettings(rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"]),
+        lora=LoraConfig(rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"]),
         device="meta",
         random_init=True,
     )

@@ -1,13 +1,13 @@
-"""Offline tiny variants of the three backbones, for tests and the CPU demo.
+"""Offline tiny variants of the backbones, for tests and the CPU demo.
 
-:func:`build_tiny` writes a normal Hugging Face directory that :meth:`BackboneAdapter.load` reads with
+:func:`build_tiny` writes a normal Hugging Face directory that ``adapter.load`` reads with
 ``from_pretrained``, exactly like a downloaded checkpoint:
 
 * ``config.json`` + ``model.safetensors``: the family's real architecture class, random-initialized from the
   full-size config shrunk to hidden 128 / 2 layers / a 64-wide 2-layer ViT (bf16, a few M parameters);
 * tokenizer files: a byte-level BPE (a few thousand tokens) trained at build time on generic English, the M2E2
   ontology (event types, roles, relation labels), JSON punctuation and digits, with the family's special tokens
-  and the adapter's chat template;
+  and the family's chat template (its spec's);
 * ``preprocessor_config.json`` (and InternVL's ``processor_config.json``): the published settings with small
   pixel caps, so a 512×512 image becomes 16 image tokens instead of 256–324.
 
@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rmpl_ds import ontology
-from rmpl_ds.backbones import get_adapter
-from rmpl_ds.backbones.base import atomic_directory
+from rmpl_ds import atomic, ontology
+from rmpl_ds.backbones import get_adapter, get_spec
 from rmpl_ds.log import get_logger
 
 if TYPE_CHECKING:
@@ -146,21 +145,19 @@ def _learned_bpe_json() -> str:
 
 def train_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with ``family``'s special tokens (appended after the learned vocabulary, as in
-    the real tokenizers) and its adapter's chat template."""
+    the real tokenizers) and its chat template."""
     from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    adapter = get_adapter(family)
+    spec = get_spec(family)
     tokenizer = Tokenizer.from_str(_learned_bpe_json())
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in adapter.special_tokens]
-    )
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in spec.special_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token=adapter.end_of_turn_token,
-        pad_token=adapter.pad_token,
-        extra_special_tokens=dict(adapter.named_special_tokens) or None,
-        chat_template=adapter.chat_template,
+        eos_token=spec.end_of_turn_token,
+        pad_token=spec.pad_token,
+        extra_special_tokens=dict(spec.named_special_tokens) or None,
+        chat_template=spec.chat_template,
         model_max_length=MAX_SEQ_LEN,
         clean_up_tokenization_spaces=False,
     )
@@ -174,17 +171,20 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     import torch
 
+    from rmpl_ds.backbones.loading import config_from_dict, model_class, refuse_to_overwrite
+
     adapter = get_adapter(family)
+    refuse_to_overwrite(out_dir)
     tokenizer = train_tokenizer(family)
     vocab = tokenizer.get_vocab()
-    token_ids = {token: vocab[token] for token in adapter.special_tokens}
+    token_ids = {token: vocab[token] for token in adapter.spec.special_tokens}
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    config = adapter.config_from_dict(adapter.tiny_config_dict(token_ids, vocab_size))
+    config = config_from_dict(adapter.spec, adapter.tiny_config_dict(token_ids, vocab_size))
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        model = adapter.model_class()(config).to(torch.bfloat16)
-    with atomic_directory(out_dir) as staging:
+        model = model_class(adapter.spec)(config).to(torch.bfloat16)
+    with atomic.directory(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _write_json(staging / "preprocessor_config.json", adapter.tiny_preprocessor())

@@ -2,6 +2,7 @@
 
   rmpl-ds eval --model DIR --m2e2 M2E2_DIR --images IMAGE_DIR --out OUT_DIR
                [--settings text,image,multimedia] [--batch-size N] [--gpus N] [--limit N] [--name NAME]
+               [--box-format native|plain]
 
 DIR is a Hugging Face model directory: the base model (the zero-shot baseline) or a stage export (merged
 weights, or a LoRA adapter whose base model directory its manifest names). M2E2_DIR holds the five annotation
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N sentences and N images (scored against their gold)")
     parser.add_argument("--name", help="model name in the report (default: the directory's, or the stage's)")
     parser.add_argument("--family", help="backbone family (default: from config.json's model_type)")
+    parser.add_argument(
+        "--box-format",
+        choices=("native", "plain"),
+        help="box syntax the model writes: its family's own or role: [x1,y1,x2,y2] (default: what a stage export "
+        "was trained with, native for a base checkpoint)",
+    )
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="box match threshold (default 0.5)")
     parser.add_argument(
         "--oracle-types",
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             iou_threshold=args.iou_threshold,
             oracle_types=args.oracle_types,
             family=args.family,
+            box_format=args.box_format,
         )
     if args.json:
         print(json.dumps(scores, indent=2))

@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rmpl_ds.backbones import FAMILIES, MODES
+from rmpl_ds.backbones import FAMILIES
+from rmpl_ds.backbones.loading import MODES
 
 if TYPE_CHECKING:
     from rmpl_ds.example import Example
+    from rmpl_ds.grounding import BoxSyntax
 
 HELP = "build a tiny offline backbone and run one forward/backward on every task"
 
@@ -40,10 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def smoke_examples(seed: int = 0) -> list[Example]:
+def smoke_examples(seed: int = 0, boxes: BoxSyntax | None = None) -> list[Example]:
     """One rendered Example per task of :data:`rmpl_ds.tasks.TASKS`: ``t`` on a sentence, ``r`` on an MNRE-style
-    pair with its image, and ``i`` / ``EM`` / ``AR`` on a synthetic scene drawn like the demo's."""
+    pair with its image, and ``i`` / ``EM`` / ``AR`` on a synthetic scene drawn like the demo's; image arguments in
+    ``boxes`` (default: the plain syntax)."""
     from rmpl_ds import tasks
+    from rmpl_ds.grounding import PLAIN
+
+    boxes = boxes or PLAIN
     from rmpl_ds.records import (
         EntityMention,
         ImageEvent,
@@ -59,7 +65,7 @@ def smoke_examples(seed: int = 0) -> list[Example]:
 
     rng = random.Random(seed)
     width, height = 320, 240
-    scene, boxes = draw_scene(rng, width, height, "Justice:Arrest-Jail", ["Agent", "Person"])
+    scene, drawn = draw_scene(rng, width, height, "Justice:Arrest-Jail", ["Agent", "Person"])
     picture = ImageRecord(
         id="smoke-image",
         source="smoke",
@@ -67,7 +73,7 @@ def smoke_examples(seed: int = 0) -> list[Example]:
         image="smoke-image.jpg",
         width=width,
         height=height,
-        events=(ImageEvent("Justice:Arrest-Jail", tuple(VisualArgument(role, box) for role, box in boxes)),),
+        events=(ImageEvent("Justice:Arrest-Jail", tuple(VisualArgument(role, box) for role, box in drawn)),),
     )
     sentence = TextSentence(
         id="smoke-sentence",
@@ -95,10 +101,10 @@ def smoke_examples(seed: int = 0) -> list[Example]:
     pair_image, _ = draw_scene(rng, width, height, None, [])
     examples = [
         tasks.render(sentence, "t"),
-        tasks.render(picture, "i", image=scene),
+        tasks.render(picture, "i", image=scene, boxes=boxes),
         tasks.render(pair, "r", image=pair_image),
         tasks.render(picture, "EM", image=scene),
-        tasks.render(picture, "AR", image=scene, event_type="Justice:Arrest-Jail"),
+        tasks.render(picture, "AR", image=scene, event_type="Justice:Arrest-Jail", boxes=boxes),
     ]
     assert {example.task for example in examples} == set(tasks.TASKS), "smoke must cover every task"
     return examples
@@ -113,7 +119,7 @@ def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -
     import torch
 
     from rmpl_ds.backbones import get_adapter
-    from rmpl_ds.backbones.base import count_parameters
+    from rmpl_ds.backbones.loading import count_parameters
     from rmpl_ds.backbones.tiny import build_tiny
 
     adapter = get_adapter(backbone)
@@ -122,7 +128,8 @@ def smoke(backbone: str, mode: str, *, seed: int = 0, max_seq_len: int = 1024) -
         torch.manual_seed(seed)
         model_dir = build_tiny(backbone, Path(tmp) / f"tiny-{backbone}", seed=seed)
         model, bundle = adapter.load(model_dir, mode)
-        encoded = [bundle.encode(example, max_seq_len=max_seq_len) for example in smoke_examples(seed)]
+        examples = smoke_examples(seed, boxes=bundle.box_syntax("native"))
+        encoded = [bundle.encode(example, max_seq_len=max_seq_len) for example in examples]
         batch = bundle.collator()(encoded)
         lean_loss, lean_grads = _loss_and_gradients(model, batch, "target_only", seed)
         full_loss, full_grads = _loss_and_gradients(model, batch, "full_logits", seed)

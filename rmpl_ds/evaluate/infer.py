@@ -76,8 +76,9 @@ from rmpl_ds.sources.m2e2 import IMAGE_SUFFIX, SOURCE, SPLIT, M2E2Gold, document
 from rmpl_ds.tasks import Parsed, ParsedEvent
 
 if TYPE_CHECKING:
-    from rmpl_ds.backbones.base import BackboneAdapter, ProcessorBundle
+    from rmpl_ds.backbones.adapter import ProcessorBundle
     from rmpl_ds.example import Example
+    from rmpl_ds.grounding import BoxSyntax
 
 logger = get_logger("rmpl_ds.evaluate.infer")  # also when run as __main__ (the ranks)
 
@@ -245,9 +246,7 @@ def parse_settings(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(setting for setting in EVAL_SETTINGS if setting in names)
 
 
-def plan_items(
-    gold: M2E2Gold, images_dir: str | Path, settings: Iterable[str], limit: int | None = None
-) -> EvalPlan:
+def plan_items(gold: M2E2Gold, images_dir: str | Path, settings: Iterable[str], limit: int | None = None) -> EvalPlan:
     """The items to run (module docstring, "Which items") and the gold to score them against.
 
     ``images_dir`` is read only when the settings include ``image`` or ``multimedia``: a text-only evaluation needs no
@@ -381,15 +380,17 @@ class _Prepared:
 def predict_shard(
     model: Any,
     bundle: ProcessorBundle,
-    adapter: BackboneAdapter,
     plan: EvalPlan,
     *,
     batch_size: int,
     max_new_tokens: int,
+    box_format: str = "native",
     shard: tuple[int, int] = (0, 1),
     oracle_types: bool = False,
 ) -> tuple[list[TextEventPrediction | ImageEventPrediction], InferenceStats]:
     """Generate EM and AR for the items of ``shard`` = (rank, world) and return their text and image lines.
+    ``box_format``: the box syntax prompts ask for and answers are read in (``native`` or ``plain``; the one the
+    model was trained with).
 
     Lines come in item order (each item's lines together, types in EVENT_TYPES order). No multimedia lines: they
     pair items that may sit on other ranks (:func:`finish_predictions` makes them).
@@ -398,6 +399,7 @@ def predict_shard(
 
     started = time.perf_counter()
     stats = InferenceStats()
+    boxes = bundle.box_syntax(box_format)
     gold_types = _gold_types(plan.gold) if oracle_types else {}
     lines: list[TextEventPrediction | ImageEventPrediction] = []
     items = plan.shard(*shard)
@@ -425,14 +427,14 @@ def predict_shard(
             types = {entry.item.index: gold_types.get(entry.item.key, ()) for entry in prepared}
         else:
             em = _generate_and_parse(
-                model, bundle, adapter, [(entry, None) for entry in prepared], "EM", batch_size, max_new_tokens, stats
+                model, bundle, boxes, [(entry, None) for entry in prepared], "EM", batch_size, max_new_tokens, stats
             )
             types = {
                 entry.item.index: tuple(t for t in EVENT_TYPES if t in parsed.event_types)
                 for entry, parsed in zip(prepared, em, strict=True)
             }
         requests = [(entry, event_type) for entry in prepared for event_type in types[entry.item.index]]
-        ar = _generate_and_parse(model, bundle, adapter, requests, "AR", batch_size, max_new_tokens, stats)
+        ar = _generate_and_parse(model, bundle, boxes, requests, "AR", batch_size, max_new_tokens, stats)
         answers: dict[int, dict[str, Parsed]] = defaultdict(dict)
         for (entry, event_type), parsed in zip(requests, ar, strict=True):
             answers[entry.item.index][event_type] = parsed  # type: ignore[index]
@@ -451,7 +453,7 @@ def predict_shard(
 def _generate_and_parse(
     model: Any,
     bundle: ProcessorBundle,
-    adapter: BackboneAdapter,
+    boxes: BoxSyntax,
     requests: Sequence[tuple[_Prepared, str | None]],
     task: str,
     batch_size: int,
@@ -459,6 +461,7 @@ def _generate_and_parse(
     stats: InferenceStats,
 ) -> list[Parsed]:
     """Render every (item, AR type or None) for ``task``, generate in batches of one modality, parse each answer."""
+    from rmpl_ds.evaluate.generate import generate
     from rmpl_ds.tasks import parse, render
 
     parsed: list[Parsed | None] = [None] * len(requests)
@@ -467,13 +470,13 @@ def _generate_and_parse(
         if not positions:
             continue
         examples: list[Example] = [
-            render(requests[n][0].record, task, image=requests[n][0].image, event_type=requests[n][1])
+            render(requests[n][0].record, task, image=requests[n][0].image, event_type=requests[n][1], boxes=boxes)
             for n in positions
         ]
-        answers = adapter.generate(model, bundle, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers = generate(model, bundle, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
         key = f"{task}/{modality}"
         for position, example, answer in zip(positions, examples, answers, strict=True):
-            result = parse(task, answer, example_meta=example.meta)
+            result = parse(task, answer, example_meta=example.meta, boxes=boxes)
             stats.generations[key] += 1
             stats.parse_errors[key] += result.errors
             stats.malformed_outputs[key] += result.errors > 0
@@ -505,20 +508,26 @@ def finish_predictions(plan: EvalPlan, lines: Iterable[EventPrediction]) -> Pred
 def predict_m2e2(
     model: Any,
     bundle: ProcessorBundle,
-    adapter: BackboneAdapter,
     gold: M2E2Gold,
     *,
     images_dir: str | Path,
     settings: Iterable[str] = EVAL_SETTINGS,
     batch_size: int = 8,
     max_new_tokens: int = 128,
+    box_format: str = "native",
     limit: int | None = None,
     oracle_types: bool = False,
 ) -> tuple[Predictions, InferenceStats]:
     """All predictions of a loaded model on M2E2 in this process (one rank); see the module docstring."""
     plan = plan_items(gold, images_dir, settings, limit)
     lines, stats = predict_shard(
-        model, bundle, adapter, plan, batch_size=batch_size, max_new_tokens=max_new_tokens, oracle_types=oracle_types
+        model,
+        bundle,
+        plan,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        box_format=box_format,
+        oracle_types=oracle_types,
     )
     return finish_predictions(plan, lines), stats
 
@@ -529,11 +538,13 @@ def predict_m2e2(
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What ``--model`` names: merged weights (``weights``), or a PEFT adapter (``adapter``) on ``weights``."""
+    """What ``--model`` names: merged weights (``weights``), or a PEFT adapter (``adapter``) on ``weights``; a stage
+    export's manifest also says which box syntax it was trained to write (``box_format``, None elsewhere)."""
 
     weights: Path
     family: str
     adapter: Path | None = None
+    box_format: str | None = None
 
 
 def resolve_model(model_dir: str | Path, family: str | None = None) -> ModelSource:
@@ -563,7 +574,9 @@ def resolve_model(model_dir: str | Path, family: str | None = None) -> ModelSour
         if family not in FAMILIES:
             raise UserError(f"unknown backbone {family!r}; known backbones: {', '.join(sorted(FAMILIES))}")
         raise UserError(f"{weights}: a {detected} checkpoint, not {family}")
-    return ModelSource(weights.resolve(), detected, adapter_dir.resolve() if adapter_dir else None)
+    manifest = path / _EXPORT_MANIFEST
+    box_format = _read_json(manifest).get("box_format") if manifest.is_file() else None
+    return ModelSource(weights.resolve(), detected, adapter_dir.resolve() if adapter_dir else None, box_format)
 
 
 def _adapter_base(adapter_dir: Path) -> Path:
@@ -591,19 +604,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def family_of(model_dir: str | Path) -> str:
     """The backbone family of a HF directory, from config.json's ``model_type``; UserError if none matches."""
-    from rmpl_ds.backbones import FAMILIES, get_adapter
+    from rmpl_ds.backbones import specs
 
     config = _read_json(Path(model_dir) / "config.json")
     model_type = config.get("model_type")
-    for family in FAMILIES:
-        if get_adapter(family).model_type == model_type:
-            return family
-    known = ", ".join(f"{get_adapter(f).model_type} ({f})" for f in FAMILIES)
+    for spec in specs():
+        if spec.model_type == model_type:
+            return spec.name
+    known = ", ".join(f"{spec.model_type} ({spec.name})" for spec in specs())
     raise UserError(f"{model_dir}/config.json: model_type {model_type!r} is none of the known backbones: {known}")
 
 
-def load_for_inference(source: ModelSource, device: str | None = None) -> tuple[Any, ProcessorBundle, Any]:
-    """(model in eval mode without gradients, bundle, adapter) on ``device`` (default: ``cuda:0`` or the CPU).
+def load_for_inference(source: ModelSource, device: str | None = None) -> tuple[Any, ProcessorBundle]:
+    """(model in eval mode without gradients, bundle) on ``device`` (default: ``cuda:0`` or the CPU).
 
     Weights are bf16 on CUDA and fp32 on the CPU (bf16 matmuls are slow there); a LoRA adapter is merged in.
     """
@@ -623,7 +636,7 @@ def load_for_inference(source: ModelSource, device: str | None = None) -> tuple[
     model.eval()
     model.config.use_cache = True
     model.config.get_text_config().use_cache = True
-    return model, bundle, adapter
+    return model, bundle
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -651,8 +664,12 @@ def evaluate_model(
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     oracle_types: bool = False,
     family: str | None = None,
+    box_format: str | None = None,
 ) -> dict[str, Any]:
     """Predict, score and report one model on M2E2; returns the `rmpl-ds score --json` object.
+
+    ``box_format`` (``native`` or ``plain``): the box syntax the model writes; by default the one a stage export's
+    manifest records (what it was trained with), else ``native`` (a base checkpoint's own).
 
     Writes ``out_dir/predictions.jsonl``, ``eval_stats.json``, ``report.md`` + ``f1.png`` and, last,
     ``scores.json``: each file under a temporary name and renamed, and a previous run's ``scores.json`` is removed
@@ -668,6 +685,9 @@ def evaluate_model(
     if not 0.0 < iou_threshold <= 1.0:
         raise UserError(f"iou_threshold must be in (0, 1], found {iou_threshold}")
     source = resolve_model(model_dir, family)
+    box_format = box_format or source.box_format or "native"
+    if box_format not in ("native", "plain"):
+        raise UserError(f"box format must be native or plain, got {box_format!r}")
     gold = load_m2e2(m2e2_dir, strict=True)
     plan = plan_items(gold, images_dir, settings, limit)
     name = name or model_name(model_dir)
@@ -678,7 +698,9 @@ def evaluate_model(
         "eval %s (%s) on %d sentences and %d images, settings %s, %d rank(s)",
         name, source.weights, plan.counts()["sentences"], plan.counts()["images"], ",".join(plan.settings), gpus,
     )  # fmt: skip
-    run = _Run(source, Path(m2e2_dir), Path(images_dir), plan, batch_size, max_new_tokens, limit, oracle_types)
+    run = _Run(
+        source, Path(m2e2_dir), Path(images_dir), plan, batch_size, max_new_tokens, box_format, limit, oracle_types
+    )
     lines, stats = run.in_process() if gpus == 1 else run.with_workers(gpus, out)
     predictions = finish_predictions(plan, lines)
     write_predictions(out / PREDICTIONS_FILE, predictions)
@@ -697,6 +719,7 @@ def evaluate_model(
         "settings": list(plan.settings),
         "limit": limit,
         "oracle_types": oracle_types,
+        "box_format": box_format,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "ranks": gpus,
@@ -726,18 +749,19 @@ class _Run:
     plan: EvalPlan
     batch_size: int
     max_new_tokens: int
+    box_format: str
     limit: int | None
     oracle_types: bool
 
     def in_process(self) -> tuple[list[TextEventPrediction | ImageEventPrediction], InferenceStats]:
-        model, bundle, adapter = load_for_inference(self.source)
+        model, bundle = load_for_inference(self.source)
         return predict_shard(
             model,
             bundle,
-            adapter,
             self.plan,
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
+            box_format=self.box_format,
             oracle_types=self.oracle_types,
         )
 
@@ -762,6 +786,7 @@ class _Run:
                 "--m2e2", str(self.m2e2_dir), "--images", str(self.images_dir),
                 "--settings", ",".join(self.plan.settings),
                 "--batch-size", str(self.batch_size), "--max-new-tokens", str(self.max_new_tokens),
+                "--box-format", self.box_format,
                 "--rank", str(rank), "--world", str(world), "--part", str(parts / f"rank{rank}.jsonl"),
                 "--device", f"cuda:{rank}" if on_cuda else "cpu", "--threads", "0" if on_cuda else str(threads),
                 *(["--limit", str(self.limit)] if self.limit is not None else []),
@@ -826,8 +851,8 @@ def _write_report(out: Path, name: str, scores: dict[str, Any], summary: dict[st
         f"Model `{summary['model']}` ({summary['family']}"
         + (f", adapter on `{summary['weights']}`" if summary["adapter"] else "")
         + f"); M2E2 `{summary['m2e2']}`, images `{summary['images']}`.",
-        f"Settings predicted: {', '.join(summary['settings'])}; greedy, batch {summary['batch_size']}, at most "
-        f"{summary['max_new_tokens']} new tokens; {summary['ranks']} rank(s); {summary['wall_seconds']:.1f} s.",
+        f"Settings predicted: {', '.join(summary['settings'])}; greedy, {summary['box_format']} boxes, batch "
+        f"{summary['batch_size']}, at most {summary['max_new_tokens']} new tokens; {summary['ranks']} rank(s); {summary['wall_seconds']:.1f} s.",
         f"Items: {summary['plan']['sentences']} sentences, {summary['plan']['images']} images"
         + (f" (the first {summary['limit']} of each; scored against their gold only)" if summary["limit"] else "")
         + f". Lines written: {counts(summary['lines'])}.",
@@ -860,6 +885,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settings", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--box-format", choices=("native", "plain"), required=True)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--oracle-types", action="store_true")
     parser.add_argument("--rank", type=int, required=True)
@@ -879,14 +905,14 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         source = resolve_model(args.model, args.family)
         plan = plan_items(load_m2e2(args.m2e2, strict=True), args.images, args.settings, args.limit)
-        model, bundle, adapter = load_for_inference(source, args.device)
+        model, bundle = load_for_inference(source, args.device)
         lines, stats = predict_shard(
             model,
             bundle,
-            adapter,
             plan,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            box_format=args.box_format,
             shard=(args.rank, args.world),
             oracle_types=args.oracle_types,
         )
