@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from rmpl_ds.errors import UserError
+
+T = TypeVar("T")
 
 
 def _initialized() -> bool:
@@ -56,3 +61,49 @@ def barrier() -> None:
         import torch.distributed as torch_dist
 
         torch_dist.barrier()
+
+
+def all_gather_object(value: T) -> list[T]:
+    """Every rank's ``value`` (picklable), indexed by rank; ``[value]`` outside a process group. Collective: every
+    rank must call it."""
+    if not _initialized():
+        return [value]
+    import torch.distributed as torch_dist
+
+    values: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(values, value)
+    return values
+
+
+def on_main(action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0 while the other ranks wait; every rank returns its result, or raises the UserError it
+    raised, so a refusal on rank 0 ends every rank with the same message instead of leaving them waiting in the next
+    collective until the timeout. Any other exception on rank 0 is a bug: rank 0 raises it with its traceback, and the
+    others raise a RuntimeError that names it. Collective: every rank must call it."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if is_main():
+        try:
+            outcome = ("ok", action())
+        except UserError as error:
+            outcome = ("user_error", str(error))
+        except Exception as error:
+            if _initialized():
+                _broadcast_from_main(("failed", f"{type(error).__name__}: {error}"))
+            raise
+    outcome = _broadcast_from_main(outcome)
+    kind, value = outcome
+    if kind == "user_error":
+        raise UserError(value)
+    if kind == "failed":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _broadcast_from_main(value: T) -> T:
+    if not _initialized():
+        return value
+    import torch.distributed as torch_dist
+
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
