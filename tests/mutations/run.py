@@ -105,8 +105,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "resume_picks_the_oldest_checkpoint",
         "exact resume",
         "rmpl_ds/checkpoint.py",
-        "newest = max(refs, key=lambda ref: ref.step)",
-        "newest = min(refs, key=lambda ref: ref.step)",
+        "        reverse=True,\n",
+        "        reverse=False,\n",
         "--resume auto takes the oldest sealed checkpoint",
         ("tests/test_engine_units.py::test_checkpoints_are_sealed_pruned_and_verified",),
     ),
@@ -331,7 +331,7 @@ class Outcome:
     mutation: Mutation
     caught: bool
     detail: str
-    failed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # test id -> the first line of its failure
     seconds: float = 0.0
 
 
@@ -382,18 +382,20 @@ def imported_from(copy: Path, env: dict[str, str]) -> Path:
 
 def run_tests(
     copy: Path, env: dict[str, str], tests: list[str], label: str, scratch: Path
-) -> tuple[int, list[str], str]:
-    """Run ``tests`` in ``copy``; returns pytest's exit code, the ids of the tests that failed or errored, and the
-    tail of the output."""
+) -> tuple[int, dict[str, str], str]:
+    """Run ``tests`` in ``copy``; returns pytest's exit code, the tests that failed or errored (id -> the first line
+    of the failure), and the tail of the output."""
     report = scratch / f"{label}.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(scratch / label)]
     command += ["--junitxml", str(report), "-o", "junit_family=xunit1", *tests]
     result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
-    failed = []
+    failed = {}
     if report.is_file():
         for case in ElementTree.parse(report).getroot().iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('file', case.get('classname'))}::{case.get('name')}")
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
+                message = (problem.get("message") or problem.text or "").strip().splitlines()
+                failed[f"{case.get('file', case.get('classname'))}::{case.get('name')}"] = message[0] if message else ""
     return result.returncode, failed, (result.stdout + result.stderr)[-3000:]
 
 
@@ -424,10 +426,11 @@ def markdown(outcomes: list[Outcome], context: dict[str, str]) -> str:
         f"- baseline (unmutated copy, the union of the named tests): {context['baseline']}",
         f"- **{caught} of {len(outcomes)} caught**; total {context['total']}",
         "",
-        'A mutation is caught when at least one of its tests fails (pytest exit 1); "failed" lists those that did.',
+        'A mutation is caught when at least one of its tests fails (pytest exit 1); "failed" lists those that did, and',
+        '"why" is the first line of the first failure (so that a timeout is not taken for a catch).',
         "",
-        "| mutation | claim | file | meaning | tests | caught? | seconds |",
-        "|---|---|---|---|---|---|---:|",
+        "| mutation | claim | file | meaning | tests | caught? | why | seconds |",
+        "|---|---|---|---|---|---|---|---:|",
     ]
     for outcome in outcomes:
         mutation = outcome.mutation
@@ -438,9 +441,11 @@ def markdown(outcomes: list[Outcome], context: dict[str, str]) -> str:
             verdict += " (failed: " + ", ".join(f"`{name}`" for name in failed) + ")"
         if outcome.detail:
             verdict += f"; {outcome.detail}"
+        why = next(iter(outcome.failed.values()), "")
+        why = (why if len(why) <= 140 else why[:137] + "...").replace("|", "\\|").replace("`", "'")
         lines.append(
             f"| `{mutation.name}` | {mutation.claim} | `{mutation.path}` | {mutation.meaning} | {tests} | {verdict} "
-            f"| {outcome.seconds:.0f} |"
+            f"| {why} | {outcome.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
