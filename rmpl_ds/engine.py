@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -139,6 +140,26 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_COLLECTIVE
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    if device.type == "cpu":
+        _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    On CPU, DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (67 MB) per rank and never unlinks it, so every CPU run, and every killed one, left 67 MB per rank in /dev/shm
+    (RAM) behind: a test suite leaked gigabytes. The peers open a rank's buffer by name while they initialize; after
+    the barrier all have, so the name can go while the mappings (and the fast all-reduce) stay.
+    """
+    import torch.distributed as torch_dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        return
+    torch_dist.barrier()
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{torch_dist.get_rank()}"
+    name.unlink(missing_ok=True)
 
 
 def is_collective_failure(error: BaseException) -> bool:
