@@ -192,8 +192,9 @@ _JSON_PATTERN = (
 QWEN3_VL = BoxSyntax(name="qwen3-vl", template=_JSON_TEMPLATE, pattern=_JSON_PATTERN)
 
 
-def absolute_json(name: str, canvas: Callable[[int, int], Grid]) -> BoxSyntax:
-    """Qwen2.5-VL's syntax: the JSON object in absolute pixels of the ``canvas`` the model sees."""
+def absolute_json(name: str, canvas: Callable[[int, int], Grid] | None = None) -> BoxSyntax:
+    """The JSON object in absolute pixels of the ``canvas`` the model sees (Qwen2.5-VL's syntax); a family spec leaves
+    the canvas to the adapter, which binds it to the loaded image processor (``ProcessorBundle.box_syntax``)."""
     return BoxSyntax(
         name=name,
         template=_JSON_TEMPLATE,
