@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "qwen2-vl": "rmpl_ds.backbones.qwen2_vl",
     "qwen3-vl": "rmpl_ds.backbones.qwen3_vl",
     "internvl3_5": "rmpl_ds.backbones.internvl",
+    "qwen2.5-vl": "rmpl_ds.backbones.qwen2_5_vl",
 }
 
 _ADAPTERS: dict[str, BackboneAdapter] = {}
