@@ -18,9 +18,14 @@ from rmpl_ds.config import LoraConfig
 from rmpl_ds.errors import UserError
 
 # Counted by instantiating the shipped configs on the meta device (shared/model_configs/README.md).
-FULL_SIZE_PARAMETERS = {"qwen2-vl": 8_291_375_616, "qwen3-vl": 8_767_123_696, "internvl3_5": 8_528_318_464}
+FULL_SIZE_PARAMETERS = {
+    "qwen2-vl": 8_291_375_616,
+    "qwen3-vl": 8_767_123_696,
+    "internvl3_5": 8_528_318_464,
+    "qwen2.5-vl": 8_292_166_656,
+}
 # Official image-token counts for a 512×512 image (MEMORY_AND_SPEED.md §1.4).
-TOKENS_AT_512 = {"qwen2-vl": 324, "qwen3-vl": 256, "internvl3_5": 256}
+TOKENS_AT_512 = {"qwen2-vl": 324, "qwen3-vl": 256, "internvl3_5": 256, "qwen2.5-vl": 324}
 
 
 def test_registry_has_the_three_paper_backbones() -> None:
