@@ -8,12 +8,13 @@ bench_data.py), for every slot the stage trains on (steps × global batch), in t
 per-batch statistics are the real ones. Real tokens / padded slots for:
 
 * ``contiguous``: contiguous micro-batches of 8 padded to their longest row: **what the training run gets**, since
-  the loader hands each rank contiguous slots and does not apply length grouping yet. "As trained" is measured
+  the loader hands each rank contiguous slots. "As trained" is measured
   from the loader's own ``BatchStats`` (the number the loop logs as ``real_token_fraction``), including the
   dummy image a text-only micro-batch carries; the simulated value must equal it (checked);
 * ``max_seq_len``: every row padded to the recipe's ``model.max_seq_len`` (static shapes);
-* ``length_grouped``: :func:`rmpl_ds.collate.length_grouped_batches` (windows of 8 × group_batches slots sorted
-  by length, so every window keeps its sample set and the mixture ratios), for several window sizes;
+* ``length_grouped``: :func:`length_grouped_batches` below (windows of 8 × group_batches slots sorted by length, so
+  every window keeps its sample set and the mixture ratios), for several window sizes: a what-if, not a loader
+  mode (the loader hands out contiguous slots);
 * ``global_sort``: all slots of the stage sorted by length: the bound no windowed scheme can beat (it destroys
   the per-step mixture, so it is a reference, not an option).
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -41,6 +43,40 @@ from benchlib import write_results
 
 GROUP_BATCHES = (4, 16, 64)
 DEFAULT_GROUP_BATCHES = 16  # length_grouped_batches' default
+
+
+def length_grouped_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    group_batches: int = 16,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Cut indices ``0 .. len(lengths)-1`` into batches of similar length.
+
+    Consecutive windows of ``batch_size × group_batches`` indices are sorted by length (longest first) and cut
+    into batches of ``batch_size`` (the last one of the whole list may be smaller); the batches of each window
+    are then shuffled with a generator seeded by ``(seed, window)``. Every index appears exactly once and no
+    index leaves its window, so a sampler's per-window mixture ratios survive. Pure.
+    """
+    if batch_size <= 0 or group_batches <= 0:
+        raise ValueError(f"batch_size and group_batches must be > 0, got {batch_size}, {group_batches}")
+    window = batch_size * group_batches
+    batches: list[list[int]] = []
+    for window_index, start in enumerate(range(0, len(lengths), window)):
+        indices = sorted(range(start, min(start + window, len(lengths))), key=lambda index: (-lengths[index], index))
+        window_batches = [indices[offset : offset + batch_size] for offset in range(0, len(indices), batch_size)]
+        random.Random(f"{seed}:{window_index}").shuffle(window_batches)
+        batches.extend(window_batches)
+    return batches
+
+
+def real_token_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Real tokens / padded slots over ``batches`` of indices into ``lengths`` (right padding to each batch's
+    longest row)."""
+    real = sum(lengths[index] for batch in batches for index in batch)
+    slots = sum(len(batch) * max(lengths[index] for index in batch) for batch in batches if batch)
+    return real / slots if slots else 1.0
 
 
 def padded_fraction(
@@ -88,8 +124,6 @@ def stage_lengths(data: Any, slots: int, micro: int) -> dict[str, Any]:
 
 
 def stage_report(data: Any, slots: int, micro: int, dummy_tokens: int) -> dict[str, Any]:
-    from rmpl_ds.collate import length_grouped_batches, real_token_fraction
-
     began = time.perf_counter()
     measured = stage_lengths(data, slots, micro)
     lengths, has_image = measured["lengths"], measured["has_image"]
@@ -152,9 +186,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"- a text-only micro-batch carries the dummy image: {report['dummy_image_tokens']} masked tokens appended "
         "to its shortest row",
         "",
-        "Real tokens / padded slots (higher is better). Contiguous is what the training run gets today: the loader "
-        "hands out contiguous slots and does not apply length grouping yet; its value is measured from the "
-        "loader's BatchStats and equals the simulation. Length grouping keeps each window's sample set, so the "
+        "Real tokens / padded slots (higher is better). Contiguous is what the training run gets: the loader "
+        "hands out contiguous slots (the package has no length-grouping mode); its value is measured from the "
+        f"loader's BatchStats and equals the simulation. Image targets in the {report['box_format']} box syntax "
+        "(the recipe's tasks.box_format). Length grouping (a what-if here) keeps each window's sample set, so the "
         "mixture stays exact per window (8 × group_batches slots: with the demo's global batch 16, group_batches/2 "
         "optimizer steps), but no longer per step; it also gathers text-only samples into micro-batches that then "
         "carry the dummy image.",
@@ -215,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "revision": revision(),
         "data": demo.describe(),
         "dummy_image_tokens": dummy_tokens,
+        "box_format": f"{recipe.tasks.box_format} ({bundle.box_syntax(recipe.tasks.box_format).name})",
         "stages": stages,
     }
     write_results(args.out, "padding", report, markdown)

@@ -1,5 +1,4 @@
-"""Batching encoded examples: padding with attention masks, a dummy image for text-only micro-batches, and a
-length-grouped batch order that keeps padding small.
+"""Batching encoded examples: padding with attention masks and a dummy image for text-only micro-batches.
 
 The encoded examples come from :meth:`rmpl_ds.backbones.adapter.BackboneAdapter.encode`. :class:`Collator` is a
 DataLoader ``collate_fn``; it returns the model's keyword arguments plus ``stats`` (a :class:`BatchStats`), which
@@ -12,15 +11,15 @@ wait forever. So a text-only micro-batch gets one minimal image appended to its 
 mask 0 and no labels: the tower runs, its gradients are exactly zero, the loss and the real tokens' outputs are
 unchanged.
 
-Why length grouping and not packing: packing several examples into one row needs per-example attention blocks
-(varlen flash attention) to keep them from attending to each other, which SDPA on the CPU and on GPUs without
-flash-attn does not give. Sorting by length inside small windows of consecutive samples gets ≥ 90 % real tokens
-on the task mixture and keeps each window's sample set, so the sampler's exact mixture ratios per window hold.
+Micro-batches are the slot stream's contiguous slots, padded to their longest row (never to ``max_seq_len``): 0.83 to
+0.85 real tokens on the demo mixture. No packing (several examples in one row need per-example attention blocks,
+varlen flash attention, which SDPA on the CPU does not give) and no length grouping: sorting by length inside
+windows would reach 0.98 but mixes the sampler's per-step ratios and gathers text-only samples into micro-batches
+that then carry the dummy image (bench/bench_padding.py measures both).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -160,37 +159,3 @@ def _append_masked(row: dict[str, torch.Tensor], fragment: Mapping[str, Any]) ->
     if "mm_token_type_ids" in row:
         extended["mm_token_type_ids"] = torch.cat([row["mm_token_type_ids"], fragment["mm_token_type_ids"]])
     return extended
-
-
-def length_grouped_batches(
-    lengths: Sequence[int],
-    batch_size: int,
-    *,
-    group_batches: int = 16,
-    seed: int = 0,
-) -> list[list[int]]:
-    """Cut indices ``0 .. len(lengths)-1`` into batches of similar length.
-
-    Consecutive windows of ``batch_size × group_batches`` indices are sorted by length (longest first) and cut
-    into batches of ``batch_size`` (the last one of the whole list may be smaller); the batches of each window
-    are then shuffled with a generator seeded by ``(seed, window)``. Every index appears exactly once and no
-    index leaves its window, so a sampler's per-window mixture ratios survive. Pure.
-    """
-    if batch_size <= 0 or group_batches <= 0:
-        raise ValueError(f"batch_size and group_batches must be > 0, got {batch_size}, {group_batches}")
-    window = batch_size * group_batches
-    batches: list[list[int]] = []
-    for window_index, start in enumerate(range(0, len(lengths), window)):
-        indices = sorted(range(start, min(start + window, len(lengths))), key=lambda index: (-lengths[index], index))
-        window_batches = [indices[offset : offset + batch_size] for offset in range(0, len(indices), batch_size)]
-        random.Random(f"{seed}:{window_index}").shuffle(window_batches)
-        batches.extend(window_batches)
-    return batches
-
-
-def real_token_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Real tokens / padded slots over ``batches`` of indices into ``lengths`` (right padding to each batch's
-    longest row)."""
-    real = sum(lengths[index] for batch in batches for index in batch)
-    slots = sum(len(batch) * max(lengths[index] for index in batch) for batch in batches if batch)
-    return real / slots if slots else 1.0

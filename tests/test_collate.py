@@ -1,4 +1,4 @@
-"""Collation: padding and masks, the dummy image of text-only micro-batches, length grouping, and the real-token
+"""Collation: padding and masks, the dummy image of text-only micro-batches, and the real-token
 fraction the training loop gets on the demo mixture (StageData's loader and collator)."""
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from rmpl_ds.backbones import get_adapter
-from rmpl_ds.collate import Collator, length_grouped_batches, model_inputs, real_token_fraction
+from rmpl_ds.collate import Collator, model_inputs
 from rmpl_ds.constants import IGNORE_INDEX
 
 PAD = 0
@@ -114,30 +112,6 @@ def test_inconsistent_examples_are_refused() -> None:
         Collator(PAD)([_encoded(3), text_only])
     with pytest.raises(ValueError, match="needs right padding"):
         Collator(PAD, padding_side="left", dummy_image=DUMMY)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=200),
-    batch_size=st.integers(min_value=1, max_value=8),
-    group_batches=st.integers(min_value=1, max_value=6),
-    seed=st.integers(min_value=0, max_value=3),
-)
-def test_length_grouping_is_a_windowed_permutation(
-    lengths: list[int], batch_size: int, group_batches: int, seed: int
-) -> None:
-    batches = length_grouped_batches(lengths, batch_size, group_batches=group_batches, seed=seed)
-    flat = [index for batch in batches for index in batch]
-    assert sorted(flat) == list(range(len(lengths)))
-    assert sum(1 for batch in batches if len(batch) != batch_size) <= 1  # only the last window's remainder
-    window = batch_size * group_batches
-    for batch in batches:
-        assert len({index // window for index in batch}) == 1  # never mixes windows
-    assert batches == length_grouped_batches(lengths, batch_size, group_batches=group_batches, seed=seed)
-    if len(lengths) % batch_size == 0:
-        # all batches full: sorting inside a window minimizes the sum of batch maxima, so padding never grows
-        contiguous = [list(range(start, start + batch_size)) for start in range(0, len(lengths), batch_size)]
-        assert real_token_fraction(lengths, batches) >= real_token_fraction(lengths, contiguous) - 1e-9
 
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
