@@ -1,4 +1,4 @@
-"""`rmpl-ds smoke`: the command line over the tiny variants (the full 3 × 3 grid of families and modes runs in
+"""`rmpl-ds smoke`: the command line over the tiny variants (the full grid of families and modes runs in
 test_backbones_train.py; here one mode per family, through the CLI)."""
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ def test_smoke_examples_cover_every_task_with_images() -> None:
     assert [len(example.images) for example in examples] == [0, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize(("backbone", "mode"), [("qwen2-vl", "qlora"), ("qwen3-vl", "full"), ("internvl3_5", "lora")])
+@pytest.mark.parametrize(
+    ("backbone", "mode"),
+    [("qwen2-vl", "qlora"), ("qwen3-vl", "full"), ("internvl3_5", "lora"), ("qwen2.5-vl", "qlora")],
+)
 def test_smoke_json(backbone: str, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["smoke", "--backbone", backbone, "--mode", mode, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

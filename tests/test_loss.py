@@ -2,7 +2,7 @@
 
 * The per-stream loss is the weighted mean of per-sample token means.
 * ``target_only`` (the LM head on the target positions only) and ``full_logits`` (every position) give the same
-  per-sample losses and the same gradient for every trainable parameter, on tiny models of all three families in
+  per-sample losses and the same gradient for every trainable parameter, on tiny models of every family in
   lora and full mode (qlora: the same losses). Tolerance: fp32, 1e-6 relative on losses and 1e-5 relative (to the
   tensor's largest entry) on gradients; measured differences are 0 to 5e-7.
 * A frozen vision tower gets no autograd graph (no backward through it), in every mode; a trained one does.
