@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -71,8 +72,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launcher tests (test_train.py, test_reliability.py): shard sets of a small demo set, built once per session with
-# the real converters and read-only afterwards.
+# Launcher tests (test_train.py, test_reliability.py, test_elastic.py): shard sets of a small demo set, built once per
+# session with the real converters and read-only afterwards, and the tiny Stage I recipe they all run.
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +94,47 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         shards[name] = base / "shards" / name
         assert build(name, source, out_dir=shards[name], images_dir=images) == 0
     return shards
+
+
+@pytest.fixture(scope="session")
+def launcher_recipe(tiny_model_dir, demo_shards) -> Callable[..., Path]:
+    """``launcher_recipe(directory, name, steps=, keep_last=, later_stages=()) -> Path`` of a ``recipe.yaml`` written
+    there: the tiny Qwen2-VL with LoRA (dropout 0.1), the demo shards, a Stage I mixing ace:t, swig:i and mnre:r
+    1:1:1 (global batch 4 of micro batches of 1, lr 2e-3 after 2 warmup steps, a checkpoint every 2 steps) on 2
+    ranks; each of ``later_stages`` is a stage with those settings and its own name, mixture and changes."""
+
+    def write(directory: Path, name: str, *, steps: int, keep_last: int, later_stages: tuple = ()) -> Path:
+        stage = {
+            "steps": steps,
+            "lr": 2e-3,
+            "warmup_steps": 2,
+            "global_batch": 4,
+            "micro_batch": 1,
+            "checkpoint_every": 2,
+            "keep_last": keep_last,
+        }
+        stage1_mixture = [
+            {"source": s, "task": t, "weight": 1} for s, t in (("ace", "t"), ("swig", "i"), ("mnre", "r"))
+        ]
+        recipe = {
+            "name": name,
+            "model": {
+                "family": "qwen2-vl",
+                "path": str(tiny_model_dir("qwen2-vl")),
+                "mode": "lora",
+                "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
+                "max_seq_len": 512,
+            },
+            "sources": {source: str(path) for source, path in demo_shards.items()},
+            "stages": [
+                {"name": "stage1", "mixture": stage1_mixture, **stage},
+                *({**stage, **later} for later in later_stages),
+            ],
+            "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 1},
+            "logging": {"console_every": 1},
+        }
+        path = directory / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

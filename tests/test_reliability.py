@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from rmpl_ds import checkpoint
 from rmpl_ds.engine import DEFAULT_COLLECTIVE_TIMEOUT_S, Faults, collective_timeout_s
@@ -167,41 +166,10 @@ def test_every_reliability_and_bad_input_test_is_in_reliability_md() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, launcher_recipe) -> dict:
     """Demo shards of the Stage I sources and a 12-step recipe checkpointing every 2 steps (all kept)."""
     base = tmp_path_factory.mktemp("reliability")
-    shards = demo_shards
-    recipe = {
-        "name": "reliability-test",
-        "model": {
-            "family": "qwen2-vl",
-            "path": str(tiny_model_dir("qwen2-vl")),
-            "mode": "lora",
-            "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
-            "max_seq_len": 512,
-        },
-        "sources": {name: str(path) for name, path in shards.items()},
-        "stages": [
-            {
-                "name": "stage1",
-                "mixture": [
-                    {"source": s, "task": t, "weight": 1} for s, t in (("ace", "t"), ("swig", "i"), ("mnre", "r"))
-                ],
-                "steps": STEPS,
-                "lr": 2e-3,
-                "warmup_steps": 2,
-                "global_batch": 4,
-                "micro_batch": 1,
-                "checkpoint_every": 2,
-                "keep_last": STEPS,
-            }
-        ],
-        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 1},
-        "logging": {"console_every": 1},
-    }
-    path = base / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return {"base": base, "recipe": path}
+    return {"base": base, "recipe": launcher_recipe(base, "reliability-test", steps=STEPS, keep_last=STEPS)}
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rmpl_ds.checkpoint import CheckpointRef, complete_checkpoints
 from rmpl_ds.commands.train import rank_processes
@@ -33,55 +32,16 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, demo_shards) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, launcher_recipe) -> dict:
     base = tmp_path_factory.mktemp("train")
-    shards = demo_shards
-    stage = {
-        "steps": STEPS,
-        "lr": 2e-3,
-        "warmup_steps": 2,
-        "global_batch": 4,
-        "micro_batch": 1,
-        "checkpoint_every": 2,
-        "keep_last": 2,
+    stage2 = {
+        "name": "stage2",
+        "init_from": "stage1",
+        "mixture": [{"source": "ace", "task": "EM", "weight": 1}, {"source": "swig", "task": "AR", "weight": 1}],
+        "steps": 2,
     }
-    recipe = {
-        "name": "train-test",
-        "model": {
-            "family": "qwen2-vl",
-            "path": str(tiny_model_dir("qwen2-vl")),
-            "mode": "lora",
-            "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
-            "max_seq_len": 512,
-        },
-        "sources": {name: str(path) for name, path in shards.items()},
-        "stages": [
-            {
-                "name": "stage1",
-                "mixture": [
-                    {"source": "ace", "task": "t", "weight": 1},
-                    {"source": "swig", "task": "i", "weight": 1},
-                    {"source": "mnre", "task": "r", "weight": 1},
-                ],
-                **stage,
-            },
-            {
-                "name": "stage2",
-                "init_from": "stage1",
-                "mixture": [
-                    {"source": "ace", "task": "EM", "weight": 1},
-                    {"source": "swig", "task": "AR", "weight": 1},
-                ],
-                **stage,
-                "steps": 2,
-            },
-        ],
-        "launch": {"gpus": 2, "deepspeed_config": "zero2", "num_workers": 1},
-        "logging": {"console_every": 1},
-    }
-    path = base / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return {"base": base, "recipe": path}
+    recipe = launcher_recipe(base, "train-test", steps=STEPS, keep_last=2, later_stages=(stage2,))
+    return {"base": base, "recipe": recipe}
 
 
 def free_port() -> int:
