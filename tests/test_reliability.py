@@ -403,16 +403,26 @@ def test_sigint_stops_a_stage_with_a_checkpoint_and_exit_0(interrupted: dict) ->
 
 
 @pytest.mark.slow
-def test_a_tampered_checkpoint_is_refused_by_resume_auto(setup: dict, interrupted: dict) -> None:
+def test_a_tampered_checkpoint_is_never_loaded(setup: dict, interrupted: dict) -> None:
     out = interrupted["out"]
-    ref = checkpoint.find(out / "stage1" / "checkpoints", "auto")
-    victim = ref.path / "mp_rank_00_model_states.pt"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+    root = out / "stage1" / "checkpoints"
+    refs = checkpoint.complete_checkpoints(root)
+    for ref in refs:  # every sealed checkpoint of the stopped run
+        victim = ref.path / "mp_rank_00_model_states.pt"
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
     lines_before = len(metric_lines(out))
+    # Named explicitly: refused, naming the file.
+    newest = refs[-1].path / "mp_rank_00_model_states.pt"
+    run = Launch(setup, out, "--resume", str(refs[-1].path))
+    assert run.wait() == 2, run.output[-3000:]
+    assert f"{newest}: modified since the checkpoint was written; refusing to load it" in run.output
+    assert "stage stage1:" not in run.output  # refused before the process group, the model and any step
+    # --resume auto skips a damaged checkpoint for the newest intact one (tests/test_elastic.py); with none intact
+    # it refuses, naming each, rather than silently starting over.
     run = Launch(setup, out, "--resume", "auto")
     assert run.wait() == 2, run.output[-3000:]
-    assert f"{victim}: modified since the checkpoint was written; refusing to load it" in run.output
-    assert "stage stage1:" not in run.output  # refused before the process group, the model and any step
-    assert len(metric_lines(out)) == lines_before
+    assert f"{root}: every sealed checkpoint is damaged, so --resume auto has nothing to resume from" in run.output
+    assert f"{newest}: modified since the checkpoint was written" in run.output
+    assert "stage stage1:" not in run.output and len(metric_lines(out)) == lines_before
