@@ -28,6 +28,7 @@ from rmpl_ds.config import StageConfig
 from rmpl_ds.errors import UserError
 from rmpl_ds.log import get_logger
 from rmpl_ds.loss import LossParts
+from rmpl_ds.mixing import sample_seed
 
 log = get_logger(__name__)
 
@@ -320,6 +321,17 @@ def gather_rng() -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.world_size()
     torch.distributed.all_gather_object(states, mine)
     return states
+
+
+# Keeps the dropout seeds apart from the per-sample augmentation seeds, which come from the same (seed, slot).
+_DROPOUT_DOMAIN = 0x64726F706F7574  # "dropout"
+
+
+def dropout_seed(seed: int, first_slot: int) -> int:
+    """torch's seed for the micro-batch whose first slot is ``first_slot`` (the loop seeds before each one): a pure
+    function of (stage seed, slot), so a micro-batch gets the same dropout masks whichever rank draws it, at any
+    world size and after any resume. (Rank-local RNG streams would give other masks when the world size changes.)"""
+    return sample_seed(seed ^ _DROPOUT_DOMAIN, first_slot)
 
 
 def seed_everything(seed: int) -> None:

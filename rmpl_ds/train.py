@@ -15,7 +15,13 @@ What a stage guarantees:
 * a step whose loss is NaN or inf on any rank is skipped on every rank and counted; after ``max_bad_steps``
   such steps in a row the stage checkpoints (the weights of the last good step) and exits 3;
 * the inputs (the ``init_from`` export, the checkpoint to resume from, the shard sets) are checked before a
-  process group or a model exists, so a bad one fails in seconds with exit 2 and the reason;
+  process group or a model exists, so a bad one fails in seconds with exit 2 and the reason; ``--resume auto``
+  skips a damaged newest checkpoint (with a warning naming it) for the newest intact one;
+* before a model is loaded, the ranks check that they share the run directory (a filesystem every node sees)
+  and that they all resume from the same checkpoint (tag and seal), else every rank exits 2;
+* a checkpoint written by another number of ranks is converted once to DeepSpeed's universal format (cached
+  beside it, sealed) and loaded from that: the world size may change on resume, the data continue at the
+  checkpoint's slot, and dropout, drawn per micro-batch from (seed, slot), is what an uninterrupted run draws;
 * a collective that waits longer than ``--collective-timeout`` for another rank raises, so a hung or vanished
   rank ends the job instead of hanging it;
 * at the end, an export (merged HF directory or PEFT adapter) with a manifest the next stage verifies.
@@ -29,9 +35,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +55,7 @@ from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.log import get_logger, quiet_libraries, setup_logging
 from rmpl_ds.loss import LossPath, forward_loss
+from rmpl_ds.mixing import batch_slots
 
 log = get_logger("rmpl_ds.train")
 
@@ -148,10 +158,11 @@ def run(args: argparse.Namespace) -> int:
     timeout_s = engine.collective_timeout_s(args.collective_timeout)
     ds_config = recipe_ds_config(recipe.launch)
     init_export = verify_init_export(paths)
+    # DeepSpeed's files are pickles: find() re-hashes them against the seal before anything of them is loaded.
     ref = checkpoint.find(paths.checkpoint_root, args.resume)
-    if ref is not None:
-        # DeepSpeed's files are pickles: they are re-hashed against the seal before anything of them is loaded.
-        checkpoint.verify(ref)
+    if ref is not None and args.stop_after is not None and args.stop_after <= ref.step:
+        raise UserError(f"--stop-after {args.stop_after}: this run resumes after step {ref.step} ({ref.path})")
+    saved_world = elastic_resume(ref, dist.world_size())
     from rmpl_ds.data import StageData, close_batches, open_sources
 
     shard_sets = open_sources(recipe, stage)
@@ -161,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
     device = engine.configure_runtime(deterministic=not torch.cuda.is_available())
     engine.init_distributed(device, timeout_s)
     world, rank = dist.world_size(), dist.rank()
+    check_shared_run_dir(paths)
+    agree_on_checkpoint(ref)
+    universal = universal_form(ref, saved_world) if saved_world is not None else None
     plan = batch_plan(stage.global_batch, stage.micro_batch, world)
     log.info(
         "stage %s: %d steps, batch %d = %d x %d x %d ranks",
@@ -184,24 +198,22 @@ def run(args: argparse.Namespace) -> int:
     import deepspeed
 
     optimizer, scheduler = engine.build_optimizer(model, stage)
-    ds_engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=fill(
-            ds_config,
-            stage,
-            plan,
-            bf16=recipe.model.dtype == "bf16",
-            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        ),
+    config = fill(
+        ds_config,
+        stage,
+        plan,
+        bf16=recipe.model.dtype == "bf16",
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
+    if universal is not None:
+        config["checkpoint"] = {"load_universal": True}
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
     # ---- 6. resume
     start_step, next_slot = 0, 0
     health = Health()
     if ref is not None:
-        start_step, next_slot, health = resume(ds_engine, ref, data, paths, args.new_phase)
+        start_step, next_slot, health = resume(ds_engine, ref, data, paths, args.new_phase, universal=universal)
     else:
         engine.seed_everything(stage.seed * 1000 + rank)  # dropout differs per rank, deterministically
     if start_step >= stage.steps:
@@ -230,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         while step < stage.steps:
             lr = ds_engine.get_lr()[0]  # the lr this step applies (the schedule advances inside engine.step)
+            slots = batch_slots(step - start_step, plan.global_batch, world, plan.micro_batch, rank, next_slot)
             metrics = train_step(
                 ds_engine,
                 batches,
@@ -239,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
                 loss_path=recipe.model.loss,
                 inject_nan=faults.nan_at(step + 1),
                 stop_requested=stop.requested,
+                dropout_seeds=[engine.dropout_seed(stage.seed, micro_batch[0]) for micro_batch in slots],
             )
             step += 1
             health = health.after(step, skipped=metrics["skipped"])
@@ -319,6 +333,103 @@ def verify_init_export(paths: StageRun) -> tuple[Path, dict[str, Any]] | None:
     return export, handoff.verify_export(export, paths.recipe, init_from)
 
 
+def elastic_resume(ref: checkpoint.CheckpointRef | None, world: int) -> int | None:
+    """The world size ``ref`` was written by when it differs from ``world`` and its optimizer state is partitioned
+    over the ranks (ZeRO shards), so that it must be loaded from DeepSpeed's universal form; else None (an ordinary
+    load). Decided from the seal alone, before a process group or a model exists."""
+    if ref is None:
+        return None
+    saved = checkpoint.saved_world_size(ref)
+    if saved is None or saved == world or not checkpoint.has_zero_shards(ref):
+        return None
+    return saved
+
+
+# How long a rank looks for the file rank 0 wrote into the run directory (a shared filesystem may show a new file to
+# other nodes a moment later); a node-local directory never shows it.
+SHARED_DIR_WAIT_S = 5.0
+SHARED_DIR_REQUIREMENT = (
+    "every rank must see the same run directory (--out) on a filesystem shared by all nodes (NFS, Lustre, a shared "
+    "volume): each checkpoint holds every rank's optimizer shard and every rank resumes from it"
+)
+
+
+def check_shared_run_dir(paths: StageRun) -> None:
+    """Refuse a run directory the ranks do not share (node-local directories, or each node given another --out),
+    before anything is loaded or trained: rank 0 writes a file with a fresh token into the stage directory and
+    every rank must read it back. Raises UserError on every rank. Collective."""
+    if dist.world_size() == 1:
+        return
+    probe_dir = paths.stage_dir
+
+    def write_probe() -> str:
+        token = uuid.uuid4().hex
+        try:
+            probe_dir.mkdir(parents=True, exist_ok=True)
+            (probe_dir / f".rmpl-shared-{token}").write_text(token, encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"cannot write into the run directory {probe_dir}: {error.strerror or error}") from error
+        return token
+
+    token = dist.on_main(write_probe)
+    probe = probe_dir / f".rmpl-shared-{token}"
+    deadline = time.monotonic() + SHARED_DIR_WAIT_S
+    while not _holds(probe, token) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = dist.all_gather_object((socket.gethostname(), str(probe_dir), _holds(probe, token)))
+    if dist.is_main():
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {rank} (host {host}, {where})" for rank, (host, where, sees) in enumerate(seen) if not sees]
+    if blind:
+        host, where, _ = seen[0]
+        raise UserError(
+            f"the run directory is not shared: {', '.join(blind)} cannot see the file rank 0 (host {host}) wrote "
+            f"into {where}; {SHARED_DIR_REQUIREMENT}"
+        )
+
+
+def _holds(path: Path, token: str) -> bool:
+    try:
+        return path.read_text(encoding="utf-8") == token
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def agree_on_checkpoint(ref: checkpoint.CheckpointRef | None) -> None:
+    """Every rank must resume from the same checkpoint (tag and seal digest), or start over together: a collective
+    before anything is loaded. Raises UserError on every rank, listing what each one chose."""
+    mine = None if ref is None else (ref.tag, checkpoint.seal_digest(ref))
+    chosen = dist.all_gather_object(mine)
+    if len(set(chosen)) > 1:
+        listed = ", ".join(
+            f"rank {rank}: {'no checkpoint' if c is None else f'{c[0]} (seal {c[1][:12]})'}"
+            for rank, c in enumerate(chosen)
+        )
+        raise UserError(
+            f"the ranks would resume from different checkpoints ({listed}); start every node with the same --resume, "
+            f"and {SHARED_DIR_REQUIREMENT}"
+        )
+
+
+def universal_form(ref: checkpoint.CheckpointRef, saved_world: int) -> checkpoint.CheckpointRef:
+    """DeepSpeed's universal form of ``ref`` (written by ``saved_world`` ranks), converted once by rank 0 and cached
+    beside it, then verified by every rank against its seal. Collective; UserError on every rank if it fails."""
+    log.warning(
+        "world size changed (%d -> %d): resuming %s from DeepSpeed's universal checkpoint format",
+        saved_world,
+        dist.world_size(),
+        ref.path,
+    )
+    dist.on_main(lambda: checkpoint.convert_to_universal(ref, workers=min(4, os.cpu_count() or 1)))
+    universal = checkpoint.intact_universal(ref)
+    blind = [rank for rank, intact in enumerate(dist.all_gather_object(universal is not None)) if not intact]
+    if universal is None or blind:
+        raise UserError(
+            f"{checkpoint.universal_ref(ref).path}: the universal form rank 0 wrote is not intact on rank(s) {blind}"
+        )
+    return universal
+
+
 def load_model(
     paths: StageRun, device: torch.device, zero: int, init_export: tuple[Path, dict[str, Any]] | None
 ) -> tuple[Any, Any, str]:
@@ -386,6 +497,7 @@ def train_step(
     loss_path: LossPath = "target_only",
     inject_nan: bool = False,
     stop_requested: bool = False,
+    dropout_seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
 
@@ -393,7 +505,9 @@ def train_step(
     rmpl_ds.engine, "non-finite losses"); its micro-batches are still drawn, so the data stay where an
     uninterrupted run has them. ``loss_path`` is the recipe's ``model.loss`` (rmpl_ds.loss). ``inject_nan`` replaces
     this rank's losses by NaN (fault injection in tests). ``stop_requested`` is this rank's stop request, agreed
-    with the others in the step's one reduction of its metrics.
+    with the others in the step's one reduction of its metrics. ``dropout_seeds`` (one per micro-batch) seed torch's
+    RNG before each micro-batch, so its dropout masks are a function of the data it holds, not of the rank or the
+    world size (:func:`rmpl_ds.engine.dropout_seed`).
 
     The step costs one small all-reduce of its own (the metrics, the non-finite count and the stop requests, in
     one vector) and one device-to-host copy, after the optimizer step: nothing waits for the host in between.
@@ -407,7 +521,9 @@ def train_step(
     #  stop requests, real tokens, padded tokens]
     sums = torch.zeros(2 * n_streams + 6, dtype=torch.float64, device=device)
     real_tokens = slots = 0
-    for _ in range(accumulation):
+    for micro_step in range(accumulation):
+        if dropout_seeds is not None:
+            torch.manual_seed(dropout_seeds[micro_step])
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
         parts = forward_loss(ds_engine, inputs, batch["labels"], batch["loss_weight"], path=loss_path)
@@ -533,14 +649,21 @@ def save(
 
 
 def resume(
-    ds_engine: Any, ref: checkpoint.CheckpointRef, data: Any, paths: StageRun, new_phase: bool
+    ds_engine: Any,
+    ref: checkpoint.CheckpointRef,
+    data: Any,
+    paths: StageRun,
+    new_phase: bool,
+    universal: checkpoint.CheckpointRef | None = None,
 ) -> tuple[int, int, Health]:
-    """Load a checkpoint that :func:`checkpoint.verify` accepted; returns (step, next slot, health). Refuses a
-    changed recipe stage or data mixture."""
+    """Load a checkpoint that :func:`checkpoint.verify` accepted, or its verified ``universal`` form (the engine
+    configured with ``checkpoint.load_universal``) when the world size changed; returns (step, next slot, health).
+    Refuses a changed recipe stage or data mixture."""
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
+    source = universal or ref
     loaded, client = ds_engine.load_checkpoint(
-        str(ref.root),
-        tag=ref.tag,
+        str(source.root),
+        tag=source.tag,
         load_module_strict=not trainable_only,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
@@ -559,8 +682,18 @@ def resume(
     if state["world_size"] == dist.world_size():
         engine.restore_rng(state["rng"][dist.rank()])
     else:
-        log.warning("world size changed (%d -> %d): RNG states are reseeded", state["world_size"], dist.world_size())
-        engine.seed_everything(paths.stage.seed * 1000 + dist.rank() + 7919 * state["step"])
+        reseed = paths.stage.seed * 1000 + dist.rank() + 7919 * state["step"]
+        engine.seed_everything(reseed)
+        log.warning(
+            "world size changed (%d -> %d): the checkpoint holds the RNG states of %d ranks, so each rank's RNGs "
+            "(torch, numpy, python) are reseeded with seed x 1000 + rank + 7919 x step (%d on rank 0). Dropout does "
+            "not depend on them: it is drawn per micro-batch from the stage seed and the micro-batch's slot, as in an "
+            "uninterrupted run",
+            state["world_size"],
+            dist.world_size(),
+            state["world_size"],
+            reseed - dist.rank(),
+        )
     log.info("resumed from %s: step %d, next slot %d", ref.path, state["step"], next_slot)
     if dist.is_main():  # where this run continued from, one JSON line per resume (the resume tests read it)
         trace = {
@@ -569,6 +702,9 @@ def resume(
             "next_slot": int(next_slot),
             "sampler_origin": data.stream.origin,
             "torch_rng_sha256": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+            "world_size": dist.world_size(),
+            "saved_world_size": int(state["world_size"]),
+            "universal": None if universal is None else str(universal.path),
         }
         with (paths.stage_dir / "resume.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(trace) + "\n")

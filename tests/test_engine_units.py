@@ -244,6 +244,9 @@ def test_resume_restores_step_weights_optimizer_rng_sampler_and_health(ds_engine
         "next_slot": next_slot,
         "sampler_origin": 0,
         "torch_rng_sha256": saved_rng,
+        "world_size": 1,
+        "saved_world_size": 1,
+        "universal": None,
     }
     assert _same_state(_trained_state(ds_engine), saved)  # weights, Adam moments and the lr schedule
     draws = (torch.rand(4), np.random.rand(3), random.random())
