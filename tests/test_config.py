@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rmpl_ds.backbones import FAMILIES
 from rmpl_ds.config import (
     Recipe,
     apply_overrides,
@@ -103,7 +104,7 @@ def test_every_problem_is_listed_with_its_key_path() -> None:
     raw["launch"] = {"gpus": 2, "workers": 1}
     problems = problems_of(raw)
     expected = [
-        "model.family: must be one of qwen2-vl, qwen3-vl, internvl3_5; got 'llava'",
+        f"model.family: must be one of {', '.join(FAMILIES)}; got 'llava'",
         "model.lora.alhpa: unknown key (did you mean 'alpha'?)",
         "stages[0].steps: expected an integer, got 'ten'",
         "launch.workers: unknown key",
