@@ -283,7 +283,7 @@ def _newest_intact(root: Path) -> CheckpointRef | None:
             ref = CheckpointRef(root, path.name, int(marker["step"]))
             verify(ref)
         except UserError as error:
-            damaged.append(f"{path}: {error}")
+            damaged.append(str(error))  # names the checkpoint and the file
             log.warning("checkpoint %s is damaged (%s); skipping it", path, error)
             continue
         _check_pointer(root, ref)
