@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from rmpl_ds.backbones import FAMILIES
+
 HELP = "write a small learnable synthetic dataset in each real raw format (no licensed data needed)"
 
 
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--tiny-model", type=Path, default=None, help="also write a tiny random model directory here")
     parser.add_argument(
-        "--family", default="qwen2-vl", help="architecture of --tiny-model: qwen2-vl, qwen3-vl or internvl3_5"
+        "--family", default="qwen2-vl", choices=sorted(FAMILIES), help="architecture of --tiny-model (default qwen2-vl)"
     )
 
 

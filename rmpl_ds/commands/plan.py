@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rmpl_ds.backbones import specs
 from rmpl_ds.errors import UserError
 
 HELP = "predict per-GPU memory (weights, ZeRO states, activations) and the largest micro batch that fits"
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--backbone",
-        help="qwen2-vl-7b, qwen3-vl-8b, internvl3_5-8b, or a model directory with config.json",
+        help=f"{', '.join(spec.size_name for spec in specs())}, or a model directory with config.json",
     )
     source.add_argument("--recipe", help="a recipe YAML: plans its most demanding stage (or --stage)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides (with --recipe)")
