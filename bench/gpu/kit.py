@@ -394,13 +394,18 @@ def launch(recipe: Path, out: Path, *, stop_after: int, resume: str, timeout_s: 
         overrides=[],
         stage=STAGE,
         hostfile=None,
+        num_nodes=None,
+        no_ssh=False,
+        node_rank=0,
+        master_addr=None,
         master_port=free_port(),
         out=str(out),
         resume=resume,
         new_phase=False,
         collective_timeout=None,
+        stop_after=stop_after,
     )
-    command = [*launcher_command(args, 1), "--stop-after", str(stop_after)]
+    command = launcher_command(args, 1)
     env = dict(
         os.environ,
         PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
