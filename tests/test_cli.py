@@ -62,11 +62,12 @@ def test_a_bad_lora_target_is_refused_at_recipe_load_with_the_other_problems() -
     """Before any process starts: `rmpl-ds check` names model.lora.targets (and the unknown name) next to the
     other problems, exit 2."""
     recipe = ROOT / "launch/recipes/rmpl_qwen2vl_7b.yaml"
+    command = [
+        sys.executable, "-m", "rmpl_ds", "check", str(recipe),
+        "model.lora.targets=[q_proj,bogus]", "model.family=qwen3-vl", "stages.stage1.lr=-1",
+    ]  # fmt: skip
     result = subprocess.run(
-        [
-            sys.executable, "-m", "rmpl_ds", "check", str(recipe),
-            "model.lora.targets=[q_proj,bogus]", "model.family=qwen3-vl", "stages.stage1.lr=-1",
-        ],  # fmt: skip
+        command,
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -852,7 +852,8 @@ def _write_report(out: Path, name: str, scores: dict[str, Any], summary: dict[st
         + (f", adapter on `{summary['weights']}`" if summary["adapter"] else "")
         + f"); M2E2 `{summary['m2e2']}`, images `{summary['images']}`.",
         f"Settings predicted: {', '.join(summary['settings'])}; greedy, {summary['box_format']} boxes, batch "
-        f"{summary['batch_size']}, at most {summary['max_new_tokens']} new tokens; {summary['ranks']} rank(s); {summary['wall_seconds']:.1f} s.",
+        f"{summary['batch_size']}, at most {summary['max_new_tokens']} new tokens; {summary['ranks']} rank(s); "
+        f"{summary['wall_seconds']:.1f} s.",
         f"Items: {summary['plan']['sentences']} sentences, {summary['plan']['images']} images"
         + (f" (the first {summary['limit']} of each; scored against their gold only)" if summary["limit"] else "")
         + f". Lines written: {counts(summary['lines'])}.",
