@@ -39,7 +39,7 @@ import yaml
 
 from rmpl_ds.errors import ConfigError, UserError
 
-Task = Literal["t", "i", "r", "EM", "AR"]
+Task = Literal["t", "i", "r", "EM", "AR", "chat"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
@@ -182,17 +182,21 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TasksConfig:
     """How targets are written. ``box_format``: ``native`` (the default) writes image arguments in the grounding
-    syntax the backbone was pretrained with (rmpl_ds.grounding); ``plain`` as ``role: [x1,y1,x2,y2]`` on 0-999."""
+    syntax the backbone was pretrained with (rmpl_ds.grounding); ``plain`` as ``role: [x1,y1,x2,y2]`` on 0-999.
+    ``chat_labels``: the ``chat`` task's loss covers every assistant turn (``all``, the default) or the last one
+    (``last``); a chat dataset's own boxes are text and never rewritten (rmpl_ds.chat)."""
 
     box_format: Literal["native", "plain"] = "native"
+    chat_labels: Literal["all", "last"] = "all"
 
 
 @dataclass(frozen=True)
 class RawSource:
     """Where `rmpl-ds pipeline` builds a missing shard set from: a converter (``ace``, ``imsitu``, ``swig``, ``mnre``,
-    ``m2e2``), its raw input and, for image sources, the image directory."""
+    ``m2e2``, ``chat``), its raw input and, for image sources, the image directory (``chat``: where relative image
+    paths resolve, else the input's folder)."""
 
-    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2"]
+    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2", "chat"]
     input: str
     images: str | None = None
     shard_size: int = 1000
@@ -475,6 +479,15 @@ def _validate_stage(
             add(f"{skey}.loss_weight", f"must be >= 0, got {_fmt(stream.loss_weight)}")
         if stream.name in streams:
             add(skey, f"duplicate stream {stream.name!r} (also {key}.mixture[{streams[stream.name]}])")
+        raw = recipe.raw.get(stream.source)
+        if raw is not None and (stream.task == "chat") != (raw.converter == "chat"):
+            # The shard sets are checked the same way before training (rmpl_ds.chat.stream_problems).
+            why = (
+                f"task chat trains on conversations; raw.{stream.source}.converter is {raw.converter}"
+                if stream.task == "chat"
+                else f"raw.{stream.source}.converter is chat: its conversations train with task chat"
+            )
+            add(f"{skey}.task", why, depends=(f"raw.{stream.source}",))
         streams.setdefault(stream.name, j)
     _positive(problems, f"{key}.steps", stage.steps)
     _positive(problems, f"{key}.lr", stage.lr)

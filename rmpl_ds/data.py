@@ -2,7 +2,8 @@
 
 Shards hold records (prompts are rendered at load time), so one shard set serves Stage I, Stage II and
 evaluation. Per slot, the loader reads the record and its image, :class:`Renderer` renders it for its stream's
-task (rmpl_ds.tasks) and encodes it for the backbone (the adapter's ProcessorBundle), and
+task (rmpl_ds.tasks; a conversation of a chat source for the ``chat`` task, rmpl_ds.chat) and encodes it for the
+backbone (the adapter's ProcessorBundle), and
 :class:`StageCollator` pads the micro-batch and adds each sample's stream index and loss weight.
 """
 
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmpl_ds import records, tasks
+from rmpl_ds import chat, records, tasks
 from rmpl_ds.config import Recipe, StageConfig
 from rmpl_ds.errors import UserError
+from rmpl_ds.example import ChatLabels
 from rmpl_ds.grounding import PLAIN, BoxSyntax
 from rmpl_ds.loader import SlotDataset, build_loader, build_stream
 from rmpl_ds.log import get_logger
@@ -49,6 +51,7 @@ class Renderer:
     max_seq_len: int
     max_target_tokens: int | None = None
     boxes: BoxSyntax = PLAIN  # how image arguments are written (the recipe's tasks.box_format for this backbone)
+    chat_labels: ChatLabels = "all"  # the chat task's labelled assistant turns (the recipe's tasks.chat_labels)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         index = self.stream_index[item["stream"]]
@@ -57,11 +60,26 @@ class Renderer:
             record = records.from_json(item["json"])
         except (KeyError, TypeError, ValueError) as error:
             raise UserError(f"shard sample {item.get('key')!r} of {item['source']!r}: not a record: {error}") from None
+        if task == chat.CHAT_TASK or isinstance(record, records.ChatRecord):
+            where = f"shard sample {item.get('key')!r} of {item['source']!r}"
+            if task != chat.CHAT_TASK:
+                raise UserError(
+                    f"{where}: a conversation cannot train stream {item['stream']!r}: chat records train with task chat"
+                )
+            images = chat.sample_images(item, record) if isinstance(record, records.ChatRecord) else []
+            try:
+                example = chat.render(record, images, labels=self.chat_labels)
+            except ValueError as error:
+                raise UserError(f"{where}, stream {item['stream']!r}: {error}") from None
+            return self._encoded(example, index)
         image = next((item[ext] for ext in IMAGE_MEMBERS if ext in item), None)
         event_type = choose_event_type(record, np.random.default_rng(item["sample_seed"])) if task == "AR" else None
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
         example = tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
+        return self._encoded(example, index)
+
+    def _encoded(self, example: Any, index: int) -> dict[str, Any]:
         encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens)
         encoded["stream_index"] = index
         encoded["loss_weight"] = self.loss_weights[index]
@@ -104,8 +122,17 @@ def close_batches(batches: Any) -> None:
 
 def open_sources(recipe: Recipe, stage: StageConfig) -> dict[str, ShardSet]:
     """Every shard set the stage's mixture reads, opened once per source: manifest, index hashes, tar sizes and
-    the member whitelist are checked (cheap; ``rmpl-ds shards verify`` re-hashes the tars). Raises UserError."""
-    return {source: ShardSet.open(recipe.sources[source]) for source in dict.fromkeys(s.source for s in stage.mixture)}
+    the member whitelist are checked (cheap; ``rmpl-ds shards verify`` re-hashes the tars), and each stream's task
+    fits its set (a chat task reads a chat set, a chat set trains with the chat task). Raises UserError."""
+    opened = {
+        source: ShardSet.open(recipe.sources[source]) for source in dict.fromkeys(s.source for s in stage.mixture)
+    }
+    problems = chat.stream_problems(stage, {source: shards.source for source, shards in opened.items()})
+    if problems:
+        for shards in opened.values():
+            shards.close()
+        raise UserError("recipe " + recipe.name + ": " + "; ".join(problems))
+    return opened
 
 
 @dataclass
@@ -145,6 +172,7 @@ class StageData:
             max_seq_len=recipe.model.max_seq_len,
             max_target_tokens=recipe.model.max_target_tokens,
             boxes=bundle.box_syntax(recipe.tasks.box_format),
+            chat_labels=recipe.tasks.chat_labels,
         )
         return cls(recipe, stage, stream, shards, renderer, StageCollator(bundle.collator()))
 

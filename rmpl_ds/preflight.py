@@ -32,7 +32,7 @@ from rmpl_ds.log import get_logger
 log = get_logger(__name__)
 
 # The converters of `rmpl-ds shards build` (rmpl_ds.sources.SOURCES), for the hint of a missing shard set.
-CONVERTERS = ("ace", "imsitu", "swig", "mnre", "m2e2")
+CONVERTERS = ("ace", "imsitu", "swig", "mnre", "m2e2", "chat")
 # How many evaluation images are opened and decoded (the rest are checked for presence).
 IMAGES_OPENED = 5
 GIB = 2**30
@@ -146,15 +146,17 @@ def _init_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) 
 
 
 def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) -> list[str]:
-    from rmpl_ds.shards import ShardSet, verify_shards
+    from rmpl_ds.chat import stream_problems
+    from rmpl_ds.shards import ShardSet, read_manifest, verify_shards
 
     problems = []
+    set_sources: dict[str, str] = {}  # source -> what its shard manifest says it holds (chat or an RMPL source)
     for source in dict.fromkeys(stream.source for stage in stages for stream in stage.mixture):
         directory = Path(recipe.sources[source])
         if not (directory / "manifest.json").is_file():
             raw = recipe.raw.get(source) if scope.build_shards else None
             if raw is None:
-                converter = source if source in CONVERTERS else "<ace|imsitu|swig|mnre|m2e2>"
+                converter = source if source in CONVERTERS else f"<{'|'.join(CONVERTERS)}>"
                 how = f", or add a raw.{source} entry for the pipeline to build it" if scope.build_shards else ""
                 problems.append(
                     f"sources.{source}: no shard set at {directory}; build it with `rmpl-ds shards build --source "
@@ -171,11 +173,16 @@ def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope)
             if found:
                 shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
                 problems.append(f"sources.{source}: {directory} is damaged ({shown}); rebuild it")
-            continue
-        try:
-            ShardSet.open(directory).close()
-        except UserError as error:
-            problems.append(f"sources.{source}: {error}")
+                continue
+        else:
+            try:
+                ShardSet.open(directory).close()
+            except UserError as error:
+                problems.append(f"sources.{source}: {error}")
+                continue
+        set_sources[source] = read_manifest(directory)["source"]
+    for stage in stages:
+        problems += stream_problems(stage, set_sources)
     return problems
 
 

@@ -4,6 +4,9 @@ Records are frozen dataclasses, one kind per source family. Spans are token offs
 (as in every real format we read); boxes are ``(x1, y1, x2, y2)`` in pixels of the record's own image, the
 same image that is stored next to the record in its shard. A record with no events is a negative example.
 
+A :class:`ChatRecord` is a conversation of a user's own instruction data (rmpl_ds.sources.chat): every turn as
+written, images by position; it renders only for the ``chat`` task.
+
 ``to_json(record)`` / ``from_json(obj)`` round-trip a record through plain JSON types; the ``kind`` key says
 which class to rebuild.
 """
@@ -131,8 +134,44 @@ class CrossMediaLink:
     event_type: str
 
 
-Record = TextSentence | ImageRecord | RelationPair | CrossMediaLink
-RECORD_KINDS: dict[str, type] = {cls.kind: cls for cls in (TextSentence, ImageRecord, RelationPair, CrossMediaLink)}
+@dataclass(frozen=True)
+class ChatPart:
+    """A piece of a turn, in order: ``text``, or the image ``image`` (an index into the record's ``images``)."""
+
+    text: str = ""
+    image: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One turn of a conversation: ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    parts: tuple[ChatPart, ...]
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """A conversation from a chat dataset (OpenAI messages, ShareGPT, LLaVA; rmpl_ds.sources.chat).
+
+    ``turns``: an optional system turn, then user and assistant turns alternating, ending with an assistant turn.
+    ``images``: where each image came from (the path as the dataset wrote it, or ``<file>:<row>:<column>[i]`` for
+    bytes stored in the dataset), in the order the turns show them; the shard stores image ``i`` as member
+    ``{i}.jpg`` (or ``{i}.png``) beside the record.
+    """
+
+    kind: ClassVar[str] = "chat"
+    id: str
+    source: str
+    split: str
+    turns: tuple[ChatTurn, ...]
+    images: tuple[str, ...] = ()
+
+
+Record = TextSentence | ImageRecord | RelationPair | CrossMediaLink | ChatRecord
+RECORD_KINDS: dict[str, type] = {
+    cls.kind: cls for cls in (TextSentence, ImageRecord, RelationPair, CrossMediaLink, ChatRecord)
+}
 
 
 def to_json(record: Record) -> dict[str, Any]:

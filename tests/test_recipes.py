@@ -20,8 +20,8 @@ from rmpl_ds.plan import PlanSettings, check_fits, plan_memory, plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = ROOT / "launch" / "recipes"
-# Every recipe but the demo (a tiny model on CPU ranks) is a paper run on 2 x 24 GB.
-PAPER_RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if p.name != "demo.yaml")
+# Every recipe but the demos (a tiny model on CPU ranks) is a paper run on 2 x 24 GB.
+PAPER_RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("demo"))
 MAIN = "rmpl_qwen2vl_7b.yaml"
 
 # file -> (family, checkpoint directory, image tokens of a 512x512 image, max_seq_len)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from rmpl_ds.backbones.loading import Mode
     from rmpl_ds.collate import Collator
-    from rmpl_ds.example import Example
+    from rmpl_ds.example import ChatExample, Example
 
 logger = get_logger(__name__)
 
@@ -350,7 +350,11 @@ class BackboneAdapter:
         """Tokenize one example for training (``with_target``) or for generation (the prompt only).
 
         The loss covers the target's tokens and the end-of-turn token that closes it; the system turn, the user
-        turn (text and image tokens) and the template's trailing newline are masked with ``IGNORE_INDEX``.
+        turn (text and image tokens) and the template's trailing newline are masked with ``IGNORE_INDEX``. A
+        :class:`~rmpl_ds.example.ChatExample` is encoded the same way turn by turn (:meth:`chat_segments`): every
+        assistant turn (or the last one only) is labelled through its end-of-turn token, everything else is masked;
+        ``with_target=False`` gives the conversation before its last assistant turn, ending in the generation
+        prompt.
         A sequence longer than ``max_seq_len``, or a target of more than ``max_target_tokens`` labelled tokens,
         loses its tail: the dropped target tokens are counted (``n_target_tokens_dropped``), flagged
         (``truncated``) and logged, never silently cut.
@@ -363,23 +367,25 @@ class BackboneAdapter:
 
         Raises:
             SequenceTooLongError: the prompt alone does not leave room for one target token (or, for generation,
-                does not fit); the message names the example and the lengths.
+                does not fit); the message names the example and the lengths. A conversation for training is cut
+                instead, however little of its labels remain.
         """
         import torch
 
         images = [self.protocol_resize(image, bundle.image_size) for image in example.images]
         image_inputs = self.process_images(bundle, images) if images else None
         tokens_per_image = image_inputs.tokens_per_image if image_inputs else ()
-        prompt_ids, answer_ids, n_labelled = self._token_ids(bundle, example, tokens_per_image, with_target)
-        self._check_prompt_fits(example, len(prompt_ids), tokens_per_image, max_seq_len, with_target)
-        input_ids = prompt_ids + answer_ids
-        labels = (
-            [IGNORE_INDEX] * len(prompt_ids) + answer_ids[:n_labelled] + [IGNORE_INDEX] * (len(answer_ids) - n_labelled)
-        )
+        input_ids, labelled = self._sequence(bundle, example, tokens_per_image, with_target)
+        self._check_prompt_fits(example, input_ids, labelled, tokens_per_image, max_seq_len, with_target)
+        labels = [token if flag else IGNORE_INDEX for token, flag in zip(input_ids, labelled, strict=True)]
+        n_labelled = sum(labelled)
         limit, limit_name = max_seq_len, f"max_seq_len={max_seq_len}"
-        capped = max_target_tokens is not None and n_labelled > max_target_tokens
-        if capped and len(prompt_ids) + max_target_tokens < limit:
-            limit, limit_name = len(prompt_ids) + max_target_tokens, f"max_target_tokens={max_target_tokens}"
+        if max_target_tokens is not None and n_labelled > max_target_tokens:
+            # The sequence ends after its max_target_tokens-th labelled token (in a single-turn example: the prompt
+            # plus that many target tokens).
+            cap_end = [index for index, flag in enumerate(labelled) if flag][max_target_tokens - 1] + 1
+            if cap_end < limit:
+                limit, limit_name = cap_end, f"max_target_tokens={max_target_tokens}"
         truncated = len(input_ids) > limit
         n_dropped = 0
         if truncated:
@@ -414,18 +420,43 @@ class BackboneAdapter:
         return encoded
 
     def sequence_length(
-        self, bundle: ProcessorBundle, example: Example, *, max_seq_len: int, with_target: bool = True
+        self, bundle: ProcessorBundle, example: Example | ChatExample, *, max_seq_len: int, with_target: bool = True
     ) -> int:
         """``encode(...)["length"]`` without processing any pixels: image token counts depend only on image sizes
         (what bench/bench_padding.py measures padding with). Raises as :meth:`encode` does."""
+        tokens_per_image = self._image_token_counts(bundle, example)
+        input_ids, labelled = self._sequence(bundle, example, tokens_per_image, with_target)
+        self._check_prompt_fits(example, input_ids, labelled, tokens_per_image, max_seq_len, with_target)
+        return min(len(input_ids), max_seq_len)
+
+    def token_counts(self, bundle: ProcessorBundle, example: Example | ChatExample) -> tuple[int, int]:
+        """(tokens, labelled tokens) of the whole example for training, before any truncation, without processing
+        pixels (``rmpl-ds shards inspect --model``)."""
+        input_ids, labelled = self._sequence(bundle, example, self._image_token_counts(bundle, example), True)
+        return len(input_ids), sum(labelled)
+
+    def _image_token_counts(self, bundle: ProcessorBundle, example: Example | ChatExample) -> tuple[int, ...]:
         sizes = [
             image.size if bundle.image_size is None else (bundle.image_size, bundle.image_size)
             for image in example.images
         ]
-        tokens_per_image = tuple(self.image_token_count(width, height, bundle=bundle) for width, height in sizes)
-        prompt_ids, answer_ids, _ = self._token_ids(bundle, example, tokens_per_image, with_target)
-        self._check_prompt_fits(example, len(prompt_ids), tokens_per_image, max_seq_len, with_target)
-        return min(len(prompt_ids) + len(answer_ids), max_seq_len)
+        return tuple(self.image_token_count(width, height, bundle=bundle) for width, height in sizes)
+
+    def _sequence(
+        self,
+        bundle: ProcessorBundle,
+        example: Example | ChatExample,
+        tokens_per_image: Sequence[int],
+        with_target: bool,
+    ) -> tuple[list[int], list[bool]]:
+        """(input ids with expanded image spans, which of them carry labels)."""
+        from rmpl_ds.example import ChatExample
+
+        if isinstance(example, ChatExample):
+            return self._chat_sequence(bundle, example, tokens_per_image, with_target)
+        prompt_ids, answer_ids, n_labelled = self._token_ids(bundle, example, tokens_per_image, with_target)
+        labelled = [False] * len(prompt_ids) + [True] * n_labelled + [False] * (len(answer_ids) - n_labelled)
+        return prompt_ids + answer_ids, labelled
 
     def _token_ids(
         self, bundle: ProcessorBundle, example: Example, tokens_per_image: Sequence[int], with_target: bool
@@ -442,15 +473,94 @@ class BackboneAdapter:
                 "labels cannot be placed"
             )
         answer_ids = self._tokenize(bundle, full_text[len(prompt_text) :])
-        # Label the target up to and including its end-of-turn token; what the template adds after it (a newline)
-        # is not something the model must learn to emit.
+        return prompt_ids, answer_ids, self._labelled_length(bundle, answer_ids)
+
+    @staticmethod
+    def _labelled_length(bundle: ProcessorBundle, answer_ids: Sequence[int]) -> int:
+        """How many of an assistant turn's ids carry labels: up to and including its end-of-turn token; what the
+        template adds after it (a newline) is not something the model must learn to emit."""
         ends = [index for index, token in enumerate(answer_ids) if token == bundle.special.end_of_turn]
-        return prompt_ids, answer_ids, ends[-1] + 1 if ends else len(answer_ids)
+        return ends[-1] + 1 if ends else len(answer_ids)
+
+    def chat_segments(
+        self, bundle: ProcessorBundle, example: ChatExample, *, with_target: bool
+    ) -> list[tuple[str, bool]]:
+        """The chat text of a conversation cut where labels start and stop: ``(text, is an assistant turn the loss
+        covers)`` in order, joining to the template's rendering of the whole conversation (``with_target``) or of
+        the conversation before its last assistant turn, ending in the generation prompt.
+
+        An assistant piece is what the template writes between the generation prompt (``<|im_start|>assistant\n``)
+        and the next turn: the content, the end-of-turn token and what follows it. It is found by rendering the
+        conversation up to each assistant turn with and without it, so it holds for any template that renders a
+        conversation's prefix as a prefix of its rendering (checked: RuntimeError otherwise).
+        """
+        messages = list(example.messages)
+        labelled = set(example.labelled_turns())
+        last = example.assistant_turns[-1]
+        stop = len(messages) if with_target else last
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for index in example.assistant_turns:
+            if index >= stop:
+                break
+            before = self._render_messages(bundle, messages[:index], generation_prompt=True)
+            after = self._render_messages(bundle, messages[: index + 1], generation_prompt=False)
+            if not (before.startswith(done) and after.startswith(before)):
+                raise RuntimeError(
+                    f"{self.family} chat template does not render a conversation's beginning as the beginning of "
+                    "its rendering; labels cannot be placed"
+                )
+            segments += [(before[len(done) :], False), (after[len(before) :], index in labelled)]
+            done = after
+        end = (
+            self._render_messages(bundle, messages, generation_prompt=False)
+            if with_target
+            else self._render_messages(bundle, messages[:last], generation_prompt=True)
+        )
+        if not end.startswith(done):
+            raise RuntimeError(f"{self.family} chat template renders the conversation's end inconsistently")
+        if end[len(done) :]:
+            segments.append((end[len(done) :], False))
+        return segments
+
+    def _chat_sequence(
+        self, bundle: ProcessorBundle, example: ChatExample, tokens_per_image: Sequence[int], with_target: bool
+    ) -> tuple[list[int], list[bool]]:
+        ids: list[int] = []
+        labelled: list[bool] = []
+        for text, is_target in self.chat_segments(bundle, example, with_target=with_target):
+            piece = self._tokenize(bundle, text)
+            n_labelled = self._labelled_length(bundle, piece) if is_target else 0
+            ids += piece
+            labelled += [True] * n_labelled + [False] * (len(piece) - n_labelled)
+        return self._expand_placeholders_with_flags(bundle, ids, labelled, tokens_per_image, example)
+
+    def _render_messages(
+        self, bundle: ProcessorBundle, messages: list[dict[str, Any]], *, generation_prompt: bool
+    ) -> str:
+        if not messages and not generation_prompt:
+            return ""
+        return bundle.tokenizer.apply_chat_template(
+            messages, chat_template=self.spec.chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     @staticmethod
     def _check_prompt_fits(
-        example: Example, prompt_length: int, tokens_per_image: Sequence[int], max_seq_len: int, with_target: bool
+        example: Example | ChatExample,
+        input_ids: Sequence[int],
+        labelled: Sequence[bool],
+        tokens_per_image: Sequence[int],
+        max_seq_len: int,
+        with_target: bool,
     ) -> None:
+        """SequenceTooLongError when the prompt (what comes before the first labelled token) leaves no room for
+        the target. A conversation for training is exempt: chat data has long tails, so one that does not fit is cut
+        like a long target (counted and logged) instead of stopping the run."""
+        from rmpl_ds.example import ChatExample
+
+        if with_target and isinstance(example, ChatExample):
+            return
+        prompt_length = labelled.index(True) if True in labelled else len(input_ids)
         room_for_target = 1 if with_target else 0
         if prompt_length + room_for_target > max_seq_len:
             raise SequenceTooLongError(
@@ -493,8 +603,21 @@ class BackboneAdapter:
         self, bundle: ProcessorBundle, ids: list[int], tokens_per_image: Sequence[int], example: Example
     ) -> list[int]:
         """Replace each image placeholder the template wrote with the image's full token span."""
+        expanded, _ = self._expand_placeholders_with_flags(bundle, ids, [False] * len(ids), tokens_per_image, example)
+        return expanded
+
+    def _expand_placeholders_with_flags(
+        self,
+        bundle: ProcessorBundle,
+        ids: list[int],
+        flags: list[bool],
+        tokens_per_image: Sequence[int],
+        example: Example | ChatExample,
+    ) -> tuple[list[int], list[bool]]:
+        """:meth:`_expand_placeholders`, carrying a per-id flag along (image spans get False)."""
         placeholder = self._tokenize(bundle, self.spec.template_image_placeholder)
         expanded: list[int] = []
+        expanded_flags: list[bool] = []
         image_index = 0
         position = 0
         width = len(placeholder)
@@ -502,11 +625,14 @@ class BackboneAdapter:
             if ids[position : position + width] == placeholder:
                 if image_index >= len(tokens_per_image):
                     break
-                expanded.extend(self.image_span(bundle.special, tokens_per_image[image_index]))
+                span = self.image_span(bundle.special, tokens_per_image[image_index])
+                expanded.extend(span)
+                expanded_flags.extend([False] * len(span))
                 image_index += 1
                 position += width
             else:
                 expanded.append(ids[position])
+                expanded_flags.append(flags[position])
                 position += 1
         n_image_ids = sum(1 for token in ids if token == bundle.special.image)
         if image_index != len(tokens_per_image) or n_image_ids != len(tokens_per_image):
@@ -515,7 +641,7 @@ class BackboneAdapter:
                 f"rendered prompt has {n_image_ids} image placeholder token(s) ({self.spec.image_token!r}); "
                 "the prompt or system text must not contain image tokens"
             )
-        return expanded
+        return expanded, expanded_flags
 
     def _special_token_ids(self, tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> SpecialTokenIds:
         spec = self.spec

@@ -1,17 +1,17 @@
 """Build, verify and inspect shard sets (uncompressed WebDataset tars with a byte-offset index and a manifest).
 
-  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2} --input PATH [--images DIR | --no-images] --out DIR
+  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2,chat} --input PATH [--images DIR | --no-images] --out DIR
                        [--shard-size N] [--strict] [--drop-negatives]
   rmpl-ds shards verify DIR
-  rmpl-ds shards inspect DIR
+  rmpl-ds shards inspect DIR [--model MODEL_DIR] [--max-seq-len N] [--limit N]
 
 `build` converts a real dataset (rmpl_ds.sources) to unified records and writes one sample per record: the record
 as JSON (`json` member) plus, for imSitu/SWiG, MNRE and M2E2 images, the normalized image (`jpg`, or `png` when the
-original is a PNG). Bad records are skipped and counted by reason in manifest.json (with the first examples of
-each); with --strict the first one stops the build with its file and line or key, and nothing is written. A JSON
-file that does not parse as a whole is an error even without --strict (its records cannot be read one by one).
-The shards appear only when complete, and rebuilding from the same input gives byte-identical shards, manifest
-included.
+original is a PNG); a chat conversation (rmpl_ds.sources.chat) stores its images, in order, as `0.jpg`, `1.png`,
+and so on. Bad records are skipped and counted by reason in manifest.json (with the first examples of each); with
+--strict the first one stops the build with its file and line or key, and nothing is written. A JSON file that does
+not parse as a whole is an error even without --strict (its records cannot be read one by one). The shards appear
+only when complete, and rebuilding from the same input gives byte-identical shards, manifest included.
 
 Images: --images DIR must hold the images the records refer to; an empty DIR, or one where none of them is found,
 is an error. M2E2 does not distribute its images: --no-images builds its text part (the sentences) and leaves out
@@ -21,8 +21,14 @@ whose every record needs its image (imsitu, swig, mnre) refuse --no-images.
 A build that yields no sample is an error (exit 2) that prints the skip reasons and writes nothing, so no set that
 looks complete but holds nothing is left behind (an existing set at --out is kept).
 
+Chat (--source chat): --input is a chat file or directory (OpenAI messages, ShareGPT / LLaMA-Factory, LLaVA; JSON,
+JSON Lines, Parquet, a save_to_disk directory); relative image paths resolve against --images, else against the
+input's folder; --no-images does not apply.
+
 `verify` re-hashes and re-indexes every shard; a missing, damaged or empty set is bad input: exit 2, naming each
-broken shard and member. `inspect` prints the manifest's counts.
+broken shard and member. `inspect` prints the manifest's counts; for a chat set also the assistant turns and images
+per conversation, and with --model the token lengths each conversation encodes to for that checkpoint (family from
+its config.json), and how many exceed --max-seq-len.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import argparse
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("directory", type=Path)
     inspect = actions.add_parser("inspect", help="print a shard set's counts from its manifest")
     inspect.add_argument("directory", type=Path)
+    inspect.add_argument(
+        "--model", type=Path, help="chat sets: a model directory whose tokenizer measures the token lengths"
+    )
+    inspect.add_argument(
+        "--max-seq-len", type=int, default=2048, help="with --model: count the conversations longer than this (2048)"
+    )
+    inspect.add_argument(
+        "--limit", type=int, default=1000, help="with --model: measure at most this many samples, evenly spread"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,9 +107,16 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.action == "verify":
         return verify(args.directory)
-    from rmpl_ds.shards import describe_shards
+    from rmpl_ds.shards import describe_shards, read_manifest
+    from rmpl_ds.sources.chat import SOURCE as CHAT
 
     print(describe_shards(args.directory))
+    if read_manifest(args.directory)["source"] == CHAT:
+        from rmpl_ds.chat import describe_chat_shards
+
+        print(describe_chat_shards(args.directory, args.model, max_seq_len=args.max_seq_len, limit=args.limit))
+    elif args.model is not None:
+        raise UserError(f"--model: token lengths are measured for chat sets; {args.directory} is not one")
     return 0
 
 
@@ -146,7 +168,7 @@ def build(
     }
     if left_out:
         extra_manifest["left_out"] = left_out
-    samples = _samples(records, images_dir if source in IMAGE_SOURCES else None)
+    samples = _samples(records, images_dir if source in IMAGE_SOURCES else None, conversion.image_members)
     manifest = write_shards(samples, out_dir, source=source, shard_size=shard_size, extra_manifest=extra_manifest)
     print(
         f"{out_dir}: {manifest['samples']} samples in {len(manifest['shards'])} shards "
@@ -162,6 +184,14 @@ def _check_images_option(
     source: str, images_dir: Path | None, no_images: bool, image_sources: frozenset[str], need_images: frozenset[str]
 ) -> None:
     """UserError for an ``--images`` / ``--no-images`` choice that cannot give a useful set."""
+    from rmpl_ds.sources.chat import SOURCE as CHAT
+
+    if source == CHAT:
+        if no_images:
+            raise UserError("--no-images: does not apply to --source chat (a conversation keeps its images)")
+        if images_dir is not None and not images_dir.is_dir():
+            raise UserError(f"--images {images_dir}: not a directory")
+        return
     if no_images:
         if images_dir is not None:
             raise UserError("--images and --no-images: give one of them")
@@ -187,7 +217,8 @@ def _check_images_found(conversion: Conversion, images_dir: Path) -> None:
     from rmpl_ds.sources.base import IMAGE_NOT_FOUND
 
     missing = [skip for skip in conversion.skipped if skip.reason == IMAGE_NOT_FOUND]
-    if missing and not any(getattr(record, "image", None) for record in conversion.records):
+    found = any(getattr(record, "image", None) or getattr(record, "images", None) for record in conversion.records)
+    if missing and not found:
         raise UserError(
             f"--images {images_dir}: none of the {len(missing)} images the records refer to is there "
             f"(first: {missing[0]}); is it the right directory?"
@@ -271,13 +302,20 @@ def record_bytes(record: Any) -> bytes:
     return json.dumps(to_json(record), ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _samples(records: list[Any], images_dir: Path | None) -> Iterator[Any]:
+def _samples(
+    records: list[Any], images_dir: Path | None, image_members: Callable[[Any], list[tuple[str, bytes]]] | None = None
+) -> Iterator[Any]:
     from rmpl_ds.shards import ShardSample
 
     # MNRE pairs of one tweet are consecutive and share the image: keep the last one encoded.
     last_image: tuple[tuple[str, str], tuple[str, bytes]] | None = None
     for ordinal, record in enumerate(records):
         members = {"json": record_bytes(record)}
+        if image_members is not None:  # a conversation's images, in order: 0.jpg, 1.png, ...
+            for index, (extension, data) in enumerate(image_members(record)):
+                members[f"{index}.{extension}"] = data
+            yield ShardSample(sample_key(ordinal, record), members)
+            continue
         image_name = getattr(record, "image", None)
         if images_dir is not None and image_name:
             wanted = (image_name, record.split)

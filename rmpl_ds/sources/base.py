@@ -92,12 +92,17 @@ class Conversion:
     """What a converter returns.
 
     Attributes:
-        source: the registry name the converter was called under (``ace``, ``imsitu``, ``swig``, ``mnre``, ``m2e2``).
+        source: the registry name the converter was called under (``ace``, ``imsitu``, ``swig``, ``mnre``, ``m2e2``,
+            ``chat``).
         format: the on-disk format detected from the content (``nlpcl-lab``, ``jmee``, ``oneie``, ``imsitu``,
-            ``swig``, ``mnre-v2``, ``mnre-v1``, ``m2e2``); several formats in one input are joined with ``+``.
+            ``swig``, ``mnre-v2``, ``mnre-v1``, ``m2e2``, ``openai``, ``sharegpt``, ``llava``); several formats in
+            one input are joined with ``+``.
         records: the unified records, in input order (files sorted by name).
         skipped: every record left out, with its reason.
         counts: :func:`count_records` of ``records`` plus converter-specific counts (dropped types and roles, ...).
+        image_members: for a source whose images are not files under ``--images`` (chat: paths resolved against
+            the input, bytes inside Parquet or Arrow files), ``record -> [(extension, normalized bytes), ...]``
+            in the record's image order; ``shards build`` stores them as members ``0.jpg``, ``1.png``, ...
     """
 
     source: str
@@ -105,6 +110,7 @@ class Conversion:
     records: list[Record]
     skipped: list[Skip] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+    image_members: Callable[[Record], list[tuple[str, bytes]]] | None = None
 
 
 class Converter(Protocol):

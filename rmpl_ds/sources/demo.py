@@ -7,6 +7,8 @@
     imsitu/{train,dev,test,imsitu_space}.json          the same situations as plain imSitu (no boxes)
     mnre/mnre_txt/{mnre_train.txt,"mnre_val .txt",mnre_test.txt}   dict-literal lines, images in mnre/img_org/<split>/
     m2e2/m2e2_annotations/<the five files>             the evaluation set, images in m2e2/image/
+    chat/{llava_train.json,sharegpt_train.json,openai_train.jsonl}   conversations about demo scenes in three chat
+                                                       layouts (rmpl_ds.sources.chat), images in chat/images/
     demo_summary.json                                  what was written (the counts the converters must find)
 
 so that ``rmpl-ds shards build`` reads it exactly like the real data (the commands are in the summary).
@@ -297,6 +299,7 @@ def write_demo(out_dir: str | Path, *, seed: int = 0, size: int = DEFAULT_SIZE) 
         summary.counts["swig"] = _write_swig(staging, random.Random(f"{seed}:swig"), size)
         summary.counts["mnre"] = _write_mnre(staging / "mnre", random.Random(f"{seed}:mnre"), size)
         summary.counts["m2e2"] = _write_m2e2(staging / "m2e2", random.Random(f"{seed}:m2e2"), size)
+        summary.counts["chat"] = _write_chat(staging / "chat", random.Random(f"{seed}:chat"), size)
         summary.build_commands = build_commands(out)
         _write_json(staging / SUMMARY_NAME, summary.to_json(), indent=2)
     return summary
@@ -322,6 +325,7 @@ def build_commands(out: Path, shards_dir: str = "shards/demo") -> dict[str, str]
             f"rmpl-ds shards build --source m2e2 --input {out}/m2e2/m2e2_annotations --images {out}/m2e2/image "
             f"--out {shards_dir}/m2e2"
         ),
+        "chat": f"rmpl-ds shards build --source chat --input {out}/chat --out {shards_dir}/chat",
     }
 
 
@@ -890,4 +894,101 @@ def _write_m2e2(directory: Path, rng: random.Random, size: int) -> dict[str, Any
         "image_multimedia_events": len(image_multimedia),
         "image_boxes": image_boxes,
         "coref_links": len(coref),
+    }
+
+
+# --- chat (rmpl_ds.sources.chat) ------------------------------------------------------------------------------
+
+CHAT_SYSTEM = "You answer questions about event pictures and news sentences briefly."
+# Conversations per chat file (one per layout), as a share of ``size``.
+_CHAT_SHARE = 5
+
+
+def _chat_rounds(rng: random.Random, event_type: str | None, roles: Sequence[str]) -> list[tuple[str, str]]:
+    """(question, answer) rounds about one demo scene: the answers are what its glyphs encode."""
+    if event_type is None:
+        return [("Which event does the picture show?", "None: only grey shapes, no event.")]
+    shape, _ = TYPE_GLYPHS[event_type]
+    rounds = [
+        ("Which event does the picture show?", f"{event_type}, drawn as the large {shape}."),
+        ("Which roles are marked in it?", ", ".join(sorted(roles)) + "." if roles else "None are marked."),
+    ]
+    return rounds[: rng.randint(1, 2)]
+
+
+def _text_rounds(rng: random.Random) -> list[tuple[str, str]]:
+    event_type = rng.choice(EVENT_TYPES)
+    trigger = rng.choice(TRIGGERS[event_type])
+    return [(f"Which event type does the word '{trigger}' signal?", f"{event_type}.")]
+
+
+def _write_chat(directory: Path, rng: random.Random, size: int) -> dict[str, Any]:
+    """Three small chat sets of the same kind of conversations, one per layout of rmpl_ds.sources.chat:
+    ``llava_train.json`` (LLaVA), ``sharegpt_train.json`` (ShareGPT with a system column, two images in some
+    conversations) and ``openai_train.jsonl`` (OpenAI messages with content parts, text-only ones too); the images
+    in ``images/`` are demo scenes, paths relative to ``directory``."""
+    count = max(2, size // _CHAT_SHARE)
+    turns: Counter[int] = Counter()
+    images = 0
+
+    def scene(name: str) -> tuple[str, str | None, list[str]]:
+        event_type = rng.choice(EVENT_TYPES) if rng.random() < 0.85 else None
+        roles = _image_roles(rng, event_type) if event_type else []
+        width, height = _image_size(rng, 224, 320)
+        image, _ = draw_scene(rng, width, height, event_type, roles)
+        _save_jpeg(image, directory / "images" / name)
+        return f"images/{name}", event_type, roles
+
+    llava = []
+    for number in range(count):
+        path, event_type, roles = scene(f"llava_{number:04d}.jpg")
+        rounds = _chat_rounds(rng, event_type, roles)
+        conversation = []
+        for index, (question, answer) in enumerate(rounds):
+            conversation.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+            conversation.append({"from": "gpt", "value": answer})
+        llava.append({"id": f"llava-{number}", "image": path, "conversations": conversation})
+        turns[len(rounds)] += 1
+        images += 1
+    _write_json(directory / "llava_train.json", llava, indent=1)
+
+    sharegpt = []
+    for number in range(count):
+        shown = [scene(f"sharegpt_{number:04d}_{index}.jpg") for index in range(1 if number % 3 else 2)]
+        conversation = []
+        for index, (_, event_type, roles) in enumerate(shown):
+            for round_number, (question, answer) in enumerate(_chat_rounds(rng, event_type, roles)):
+                asked = question if round_number else f"<image>{question}"
+                if index:
+                    asked = asked.replace("the picture", "this second picture")
+                conversation += [{"from": "human", "value": asked}, {"from": "gpt", "value": answer}]
+        sharegpt.append(
+            {"conversations": conversation, "system": CHAT_SYSTEM, "images": [path for path, _, _ in shown]}
+        )
+        turns[len(conversation) // 2] += 1
+        images += len(shown)
+    _write_json(directory / "sharegpt_train.json", sharegpt, indent=1)
+
+    lines = []
+    for number in range(count):
+        if number % 4 == 3:
+            rounds, paths = _text_rounds(rng), []
+        else:
+            path, event_type, roles = scene(f"openai_{number:04d}.jpg")
+            rounds, paths = _chat_rounds(rng, event_type, roles), [path]
+        messages: list[dict[str, Any]] = [{"role": "system", "content": CHAT_SYSTEM}]
+        for index, (question, answer) in enumerate(rounds):
+            content: list[dict[str, Any]] = [{"type": "text", "text": question}]
+            if index == 0 and paths:
+                content.insert(0, {"type": "image"})
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        lines.append(json.dumps({"messages": messages, "images": paths}, separators=(",", ":")))
+        turns[len(rounds)] += 1
+        images += len(paths)
+    (directory / "openai_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {
+        "conversations": 3 * count,
+        "by_format": {"llava": count, "openai": count, "sharegpt": count},
+        "by_assistant_turns": {str(n): turns[n] for n in sorted(turns)},
+        "images": images,
     }
