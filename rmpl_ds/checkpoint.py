@@ -114,6 +114,7 @@ def save(
     keep_last: int,
     trainable_only: bool,
     after_write: Callable[[], None] | None = None,
+    protect: str | None = None,
 ) -> CheckpointRef:
     """Save a checkpoint on every rank; rank 0 seals it (marker, ``latest``) once all ranks are done.
 
@@ -124,7 +125,8 @@ def save(
     is refused instead of sealed. A failure to write (disk full, unwritable directory) raises UserError naming the
     path; earlier checkpoints are left untouched because nothing older is deleted before a new checkpoint is
     sealed. ``after_write`` runs on each rank between writing its files and the seal (the tests' kill -9 during a
-    checkpoint write).
+    checkpoint write). ``protect``: the tag of a checkpoint the ``keep_last`` rotation must keep (the best one of a
+    stage with ``eval.keep_best``).
     """
     tag = tag_for(step)
     path = root / tag
@@ -164,7 +166,7 @@ def save(
             atomic.write_text(root / LATEST, tag)
         except OSError as error:
             raise UserError(f"cannot seal checkpoint {path}: {error.strerror or error}") from error
-        _prune(root, keep_last, current=tag)
+        _prune(root, keep_last, current=tag, protect=protect)
 
     dist.on_main(seal)
     return CheckpointRef(root, tag, step)
@@ -212,10 +214,11 @@ def _free_space(path: Path) -> str:
         return "free space unknown"
 
 
-def _prune(root: Path, keep_last: int, current: str) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop incomplete leftovers of earlier crashes."""
+def _prune(root: Path, keep_last: int, current: str, protect: str | None = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints and ``protect``; drop incomplete leftovers of earlier
+    crashes."""
     complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
-    stale = complete[:-keep_last] if keep_last > 0 else []
+    stale = [p for p in (complete[:-keep_last] if keep_last > 0 else []) if p.name != protect]
     stale += [p for p in root.iterdir() if p.is_dir() and not (p / MARKER).is_file() and p.name != current]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -109,11 +109,29 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class StageEvalConfig:
+    """Evaluation while a stage trains (rmpl_ds.dev_eval): every ``every`` steps and after the last one, the loss of
+    each stream in ``streams`` (default: every stream of the mixture) on up to ``max_items`` held-out records of its
+    source (the records of ``splits``, which the stage's ``train_splits`` must leave out), computed like the training
+    loss and shared by all ranks. With ``keep_best``, the checkpoint of the step with the lowest ``metric``
+    (``loss``: the mean over the streams; ``loss/<stream>``: one stream's) is kept out of the ``keep_last`` rotation
+    and the stage exports it."""
+
+    every: int = 100
+    splits: tuple[str, ...] = ("dev", "val")
+    streams: tuple[str, ...] = ()
+    max_items: int = 64
+    keep_best: bool = False
+    metric: str = "loss"
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One training stage = one launcher run.
 
     ``init_from`` is ``null`` (start from the base model) or the name of an earlier stage whose export this
-    stage starts from.
+    stage starts from. ``train_splits``: the record splits the stage trains on (``[train]``; empty: every record of
+    its shard sets). ``eval``: evaluation during the stage (:class:`StageEvalConfig`), or null.
     """
 
     name: str
@@ -135,6 +153,8 @@ class StageConfig:
     max_bad_steps: int = 5
     export: Literal["merged", "adapter"] = "merged"
     phases: tuple[PhaseConfig, ...] = ()
+    train_splits: tuple[str, ...] = ()
+    eval: StageEvalConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -448,6 +468,38 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
     return problems.messages()
 
 
+def _validate_stage_eval(
+    stage: StageConfig, evaluation: StageEvalConfig, key: str, streams: dict[str, int], problems: Problems
+) -> None:
+    add, ekey = problems.add, f"{key}.eval"
+    _positive(problems, f"{ekey}.every", evaluation.every)
+    _positive(problems, f"{ekey}.max_items", evaluation.max_items)
+    if not evaluation.splits:
+        add(f"{ekey}.splits", "at least one split is required (the held-out records, e.g. [dev, val])")
+    overlap = sorted(set(evaluation.splits) & set(stage.train_splits))
+    if overlap:
+        add(f"{ekey}.splits", f"{overlap} are trained on too (train_splits); held-out records must not be")
+    elif not stage.train_splits:
+        add(
+            f"{key}.train_splits",
+            f"is empty, so the stage trains on every record, the eval splits {list(evaluation.splits)} included; "
+            "set train_splits: [train]",
+        )
+    for name in evaluation.streams:
+        if name not in streams:
+            add(f"{ekey}.streams", f"{name!r} is not a stream of this stage ({sorted(streams)})")
+    chosen = evaluation.streams or tuple(streams)
+    if evaluation.metric != "loss" and evaluation.metric.removeprefix("loss/") not in chosen:
+        add(f"{ekey}.metric", f"must be loss or loss/<stream> of {sorted(chosen)}, got {evaluation.metric!r}")
+    if evaluation.keep_best and evaluation.every % stage.checkpoint_every:
+        add(
+            f"{ekey}.every",
+            f"keep_best keeps an evaluated step's checkpoint: every ({evaluation.every}) must be a multiple of "
+            f"checkpoint_every ({stage.checkpoint_every})",
+            depends=(f"{key}.checkpoint_every",),
+        )
+
+
 def _validate_family(model: ModelConfig, problems: Problems) -> None:
     """The family is a registered one, and what the recipe says about it fits its spec (cheap: specs need no
     torch)."""
@@ -503,6 +555,8 @@ def _validate_stage(
         _positive(problems, f"{key}.{name}", getattr(stage, name))
     if stage.seed < 0:
         add(f"{key}.seed", f"must be >= 0, got {stage.seed}")
+    if stage.eval is not None:
+        _validate_stage_eval(stage, stage.eval, key, streams, problems)
     for message in _batch_problems(stage.global_batch, stage.micro_batch, world):
         add(f"{key}.global_batch", message, depends=(f"{key}.micro_batch", *world_keys))
     previous = -1

@@ -25,7 +25,7 @@ from rmpl_ds.loader import SlotDataset, build_loader, build_stream
 from rmpl_ds.log import get_logger
 from rmpl_ds.mixing import SlotStream
 from rmpl_ds.ontology import EVENT_TYPES
-from rmpl_ds.shards import ShardSet
+from rmpl_ds.shards import ShardSet, ShardView
 
 log = get_logger(__name__)
 
@@ -140,7 +140,7 @@ class StageData:
     recipe: Recipe
     stage: StageConfig
     stream: SlotStream
-    shards: dict[str, ShardSet]
+    shards: dict[str, ShardSet | ShardView]
     renderer: Renderer
     collator: StageCollator
 
@@ -154,7 +154,15 @@ class StageData:
     ) -> StageData:
         """Build the slot stream over the mixture's sources (``opened`` by :func:`open_sources`, or opened here)."""
         opened = opened if opened is not None else open_sources(recipe, stage)
-        shards = {s.name: opened[s.source] for s in stage.mixture}
+        trained: dict[str, ShardSet | ShardView] = dict(opened)
+        if stage.train_splits:  # the records of those splits only (held-out ones stay out of training)
+            trained = {source: shards.subset(stage.train_splits) for source, shards in opened.items()}
+            log.info(
+                "training on splits %s: %s",
+                list(stage.train_splits),
+                ", ".join(f"{source} {len(trained[source])} of {len(whole)}" for source, whole in opened.items()),
+            )
+        shards = {s.name: trained[s.source] for s in stage.mixture}
         phases = [(phase.start_step * stage.global_batch, phase.weights) for phase in stage.phases] or None
         stream = build_stream(
             [(s.name, s.weight) for s in stage.mixture],

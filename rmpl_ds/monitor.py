@@ -17,6 +17,8 @@ Stage I's on one axis. Tags, grouped by what they say (:func:`scalars`):
 * ``memory/``: ``peak_allocated_gib`` and ``peak_reserved_gib`` (GPU: the caching allocator's peaks) or
   ``peak_rss_gib`` (CPU: the process's peak resident set);
 * ``health/``: ``bad_steps``, ``bad_steps_in_a_row``, ``skipped`` (steps with a non-finite loss);
+* ``eval/loss`` (the mean over the eval streams), ``eval/loss/<stream>``, ``eval/time_s``: the held-out loss of a
+  stage with an ``eval`` section, at the steps it evaluates (rmpl_ds.dev_eval);
 * ``eval/m2e2/...``: the evaluation's scores, written where evaluation runs (rmpl_ds.pipeline).
 
 A custom-scalars layout (TensorBoard's "Custom Scalars" tab, :data:`LAYOUT`) puts the loss with the per-stream
@@ -50,7 +52,10 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         "realized share per stream (cumulative)": ["Multiline", [r"data/realized_share/.*"]],
         "source-epochs per stream": ["Multiline", [r"data/epochs/.*"]],
     },
-    "evaluation": {"M2E2 F1": ["Multiline", [r"eval/.*/f1$", r"eval/.*_f1$"]]},
+    "evaluation": {
+        "held-out loss, total and per stream": ["Multiline", [r"eval/loss$", r"eval/loss/.*"]],
+        "M2E2 F1": ["Multiline", [r"eval/.*/f1$", r"eval/.*_f1$"]],
+    },
 }
 
 # metrics key -> TensorBoard tag (dict-valued keys get "/<stream>" appended).
@@ -69,6 +74,9 @@ _TAGS: dict[str, str] = {
     "bad_steps": "health/bad_steps",
     "bad_steps_in_a_row": "health/bad_steps_in_a_row",
     "skipped": "health/skipped",
+    "eval_loss": "eval/loss",
+    "eval_loss_by_stream": "eval/loss",
+    "eval_time_s": "eval/time_s",
 }
 
 

@@ -34,7 +34,7 @@ import os
 import re
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -819,6 +819,83 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"ShardSet({str(self.directory)!r}, source={self.source!r}, samples={self._length})"
+
+    def splits(self) -> dict[str, list[int]]:
+        """Sample indices by the ``split`` their record names (``train``, ``dev``, ``val``, ``test``, ``all``), in
+        sample order. Reads each sample's JSON member once (one ``pread`` per sample) and caches the result."""
+        cached = self.__dict__.get("_splits")
+        if cached is None:
+            cached = {}
+            for index in range(self._length):
+                raw = self.read_raw(index).get("json")
+                try:
+                    split = json.loads(raw)["split"] if raw is not None else None
+                except (ValueError, KeyError, TypeError):
+                    split = None
+                cached.setdefault(str(split) if split is not None else "none", []).append(index)
+            self._splits = cached
+        return cached
+
+    def subset(self, splits: Sequence[str]) -> ShardView:
+        """The samples of the given record splits, as a shard set of their own (:class:`ShardView`).
+
+        Raises:
+            UserError: none of this set's samples is in those splits (the message lists the splits it has).
+        """
+        by_split = self.splits()
+        indices = sorted(i for split in dict.fromkeys(splits) for i in by_split.get(split, []))
+        if not indices:
+            have = ", ".join(f"{split} {len(found)}" for split, found in sorted(by_split.items())) or "no samples"
+            raise UserError(f"{self.directory}: no sample of split(s) {list(splits)} (it holds {have})")
+        return ShardView(self, tuple(splits), np.asarray(indices, dtype=np.int64))
+
+
+class ShardView:
+    """Some samples of a :class:`ShardSet` (those of chosen record splits), read like a shard set: sample ``i`` is
+    the base set's ``indices[i]``. Its fingerprint covers the base set's and the selection, so a sampler state
+    saved on one selection is refused on another."""
+
+    def __init__(self, base: ShardSet, splits: tuple[str, ...], indices: np.ndarray) -> None:
+        self.base = base
+        self.splits = splits
+        self.indices = indices
+        self.directory = base.directory
+        self.manifest = base.manifest
+        self.source = base.source
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _base_index(self, i: int) -> int:
+        if not -len(self.indices) <= i < len(self.indices):
+            raise IndexError(f"sample {i} out of range for {len(self.indices)} samples of {self}")
+        return int(self.indices[i])
+
+    def key(self, i: int) -> str:
+        return self.base.key(self._base_index(i))
+
+    def read_raw(self, i: int) -> dict[str, bytes]:
+        return self.base.read_raw(self._base_index(i))
+
+    def read(self, i: int) -> dict[str, object]:
+        return self.base.read(self._base_index(i))
+
+    def fingerprint(self) -> str:
+        selection = hashlib.sha256(self.indices.tobytes()).hexdigest()
+        content = [self.base.fingerprint(), list(self.splits), selection]
+        return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode("ascii")).hexdigest()
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self) -> ShardView:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShardView({str(self.directory)!r}, splits={list(self.splits)}, samples={len(self.indices)})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ import torch
 from rmpl_ds import checkpoint, dist, engine, handoff
 from rmpl_ds.collate import model_inputs
 from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
+from rmpl_ds.dev_eval import BestTracker, DevSet
 from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.log import get_logger, quiet_libraries, setup_logging
@@ -193,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     # ---- 4. data
     data = StageData.build(recipe, stage, bundle, shard_sets)
     log.info("mixture: window discrepancy %.3f over streams %s", data.stream.discrepancy, ", ".join(data.stream_names))
+    dev = DevSet.build(stage, shard_sets) if stage.eval is not None else None
+    if dev is not None:
+        log.info("eval every %d steps on held-out %s records: %s", dev.every, dev.splits, dev.describe())
 
     # ---- 5. engine
     import deepspeed
@@ -212,13 +216,17 @@ def run(args: argparse.Namespace) -> int:
     # ---- 6. resume
     start_step, next_slot = 0, 0
     health = Health()
+    evaluations = None
     if ref is not None:
-        start_step, next_slot, health = resume(ds_engine, ref, data, paths, args.new_phase, universal=universal)
+        start_step, next_slot, health, evaluations = resume(
+            ds_engine, ref, data, paths, args.new_phase, universal=universal
+        )
     else:
         engine.seed_everything(stage.seed * 1000 + rank)  # dropout differs per rank, deterministically
     if start_step >= stage.steps:
         log.info("stage %s already finished at step %d", stage.name, start_step)
     loader = data.loader(next_slot=next_slot, micro_batch=plan.micro_batch, num_workers=recipe.launch.num_workers)
+    best = BestTracker.from_state(stage.eval.metric, evaluations, start_step) if stage.eval is not None else None
 
     # ---- 7. loop
     from rmpl_ds.monitor import Monitor
@@ -264,7 +272,32 @@ def run(args: argparse.Namespace) -> int:
             if device.type == "cuda":  # what the caching allocator holds (bench/gpu/ compares it with the planner)
                 metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             final_loss = metrics["loss"]
-            if step % recipe.logging.log_every == 0 or step == stage.steps or metrics["skipped"]:
+            if dev is not None and best is not None and (step % dev.every == 0 or step == stage.steps):
+                results = dev.evaluate(
+                    ds_engine,
+                    data.renderer,
+                    data.collator,
+                    micro_batch=plan.micro_batch,
+                    device=device,
+                    stream_names=stream_names,
+                    loss_path=recipe.model.loss,
+                )
+                improved = best.record(step, results)
+                metrics.update(results)
+                log.info(
+                    "eval step %d: loss %.4f [%s] in %.1f s%s",
+                    step,
+                    results["eval_loss"],
+                    " ".join(f"{name}={value:.4f}" for name, value in sorted(results["eval_loss_by_stream"].items())),
+                    results["eval_time_s"],
+                    " (best so far)" if improved else "",
+                )
+            if (
+                step % recipe.logging.log_every == 0
+                or step == stage.steps
+                or metrics["skipped"]
+                or "eval_loss" in metrics
+            ):
                 monitor.log_step(metrics)
             if metrics["skipped"]:
                 log.warning(
@@ -276,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             diverged = health.in_a_row >= stage.max_bad_steps
             stopping = metrics.pop("stop_requested") or step == args.stop_after
             if step % stage.checkpoint_every == 0 or step == stage.steps or stopping or diverged:
-                save(ds_engine, paths, step, data, step * plan.global_batch, health, faults)
+                save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best)
                 last_saved = step
             if diverged:
                 log.error(
@@ -300,10 +333,22 @@ def run(args: argparse.Namespace) -> int:
         monitor.close()
         stop.restore()
     if last_saved != step:
-        save(ds_engine, paths, step, data, step * plan.global_batch, health, faults)
+        save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best)
 
-    # ---- 8. export for the next stage
-    export = export_stage(ds_engine.module, bundle, paths, step, init_path)
+    # ---- 8. export for the next stage (with eval.keep_best: the best evaluated step's weights)
+    export_step, selected = step, None
+    if best is not None and stage.eval is not None and stage.eval.keep_best and best.best is not None:
+        export_step, value = best.best
+        selected = {
+            "step": export_step,
+            "metric": f"eval {stage.eval.metric}",
+            "value": value,
+            "why": f"the lowest eval {stage.eval.metric} of {len(best.history)} evaluations (eval.keep_best)",
+            "history": best.history,
+        }
+        if export_step != step:
+            load_module_weights(ds_engine, paths, export_step)
+    export = export_stage(ds_engine.module, bundle, paths, export_step, init_path, selected)
     if dist.is_main():
         summary = {
             "stage": stage.name,
@@ -313,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
             "world_size": world,
             "bad_steps": health.bad_steps,
             "export": str(export),
+            "export_step": export_step,
+            "selected": selected,
             "init_from": stage.init_from,
             "init_digest": bundle.extra.get("init_digest"),
             "checkpoints": str(paths.checkpoint_root),
@@ -585,11 +632,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # Stage settings that may change on resume without changing what is trained (the batch split is elastic).
-ELASTIC_KEYS = ("micro_batch", "checkpoint_every", "keep_last", "max_bad_steps")
+# Settings that may change on resume without --new-phase: they do not change what is trained (eval only reads).
+ELASTIC_KEYS = ("micro_batch", "checkpoint_every", "keep_last", "max_bad_steps", "eval")
 
 
 def stage_fingerprint(stage: StageConfig) -> str:
-    return fingerprint({k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS})
+    settings = {k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS}
+    if not settings["train_splits"]:  # the default (every record): fingerprints from before the option stay valid
+        del settings["train_splits"]
+    return fingerprint(settings)
 
 
 @dataclass(frozen=True)
@@ -616,7 +667,9 @@ class Health:
         )
 
 
-def client_state(paths: StageRun, data: Any, next_slot: int, step: int, health: Health) -> dict[str, Any]:
+def client_state(
+    paths: StageRun, data: Any, next_slot: int, step: int, health: Health, best: BestTracker | None = None
+) -> dict[str, Any]:
     return {
         "rmpl": {
             "step": step,
@@ -626,14 +679,26 @@ def client_state(paths: StageRun, data: Any, next_slot: int, step: int, health: 
             "rng": engine.gather_rng(),
             "world_size": dist.world_size(),
             "health": asdict(health),
+            "eval": None if best is None else best.state(),
         }
     }
 
 
 def save(
-    ds_engine: Any, paths: StageRun, step: int, data: Any, next_slot: int, health: Health, faults: engine.Faults
+    ds_engine: Any,
+    paths: StageRun,
+    step: int,
+    data: Any,
+    next_slot: int,
+    health: Health,
+    faults: engine.Faults,
+    best: BestTracker | None = None,
 ) -> None:
-    state = client_state(paths, data, next_slot, step, health)
+    """Checkpoint ``step`` (every rank). With ``eval.keep_best``, the best evaluated step's checkpoint is kept out
+    of the ``keep_last`` rotation."""
+    state = client_state(paths, data, next_slot, step, health, best)
+    keep_best = paths.stage.eval is not None and paths.stage.eval.keep_best and best is not None
+    protect = checkpoint.tag_for(best.best[0]) if keep_best and best.best is not None else None
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
     faults.before_checkpoint(step)
     ref = checkpoint.save(
@@ -644,6 +709,7 @@ def save(
         keep_last=paths.stage.keep_last,
         trainable_only=trainable_only,
         after_write=lambda: faults.checkpoint_written(step),
+        protect=protect,
     )
     log.info("checkpoint %s", ref.path)
 
@@ -655,10 +721,10 @@ def resume(
     paths: StageRun,
     new_phase: bool,
     universal: checkpoint.CheckpointRef | None = None,
-) -> tuple[int, int, Health]:
+) -> tuple[int, int, Health, dict[str, Any] | None]:
     """Load a checkpoint that :func:`checkpoint.verify` accepted, or its verified ``universal`` form (the engine
-    configured with ``checkpoint.load_universal``) when the world size changed; returns (step, next slot, health).
-    Refuses a changed recipe stage or data mixture."""
+    configured with ``checkpoint.load_universal``) when the world size changed; returns (step, next slot, health,
+    the evaluations so far (:meth:`BestTracker.state`) or None). Refuses a changed recipe stage or data mixture."""
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
     source = universal or ref
     loaded, client = ds_engine.load_checkpoint(
@@ -708,11 +774,33 @@ def resume(
         }
         with (paths.stage_dir / "resume.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(trace) + "\n")
-    return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"]))
+    return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"])), state.get("eval")
 
 
-def export_stage(model: Any, bundle: Any, paths: StageRun, step: int, init_path: str) -> Path:
-    """Rank 0 exports the stage (merged weights or the adapter) with its manifest; the others wait."""
+def load_module_weights(ds_engine: Any, paths: StageRun, step: int) -> None:
+    """Load the model weights of the stage's sealed checkpoint of ``step`` (verified first), nothing else; every
+    rank. Raises UserError when it is missing or damaged."""
+    ref = checkpoint.CheckpointRef(paths.checkpoint_root, checkpoint.tag_for(step), step)
+    checkpoint.verify(ref)
+    trainable_only = paths.recipe.model.mode in ("lora", "qlora")
+    loaded, _ = ds_engine.load_checkpoint(
+        str(ref.root),
+        tag=ref.tag,
+        load_module_strict=not trainable_only,
+        load_optimizer_states=False,
+        load_lr_scheduler_states=False,
+        load_module_only=True,
+    )
+    if loaded is None:
+        raise UserError(f"{ref.path}: DeepSpeed could not load the best checkpoint's weights")
+    log.info("exporting the weights of step %d (%s), the best evaluated step", step, ref.path)
+
+
+def export_stage(
+    model: Any, bundle: Any, paths: StageRun, step: int, init_path: str, selected: dict[str, Any] | None = None
+) -> Path:
+    """Rank 0 exports the stage (merged weights or the adapter) with its manifest (``selected``: why this step's
+    weights, under ``eval.keep_best``); the others wait."""
     kind = paths.stage.export if paths.recipe.model.mode != "full" else "merged"
     if dist.is_main():
         adapter = bundle.adapter
@@ -734,6 +822,7 @@ def export_stage(model: Any, bundle: Any, paths: StageRun, step: int, init_path:
             step=step,
             kind=kind,
             base_model=init_path,
+            extra=None if selected is None else {"selected": selected},
         )
     dist.barrier()
     return handoff.export_path(paths.stage_dir)

@@ -235,7 +235,7 @@ def test_resume_restores_step_weights_optimizer_rng_sampler_and_health(ds_engine
 
     resumed_data = stage_data()
     ref = checkpoint.find(paths.checkpoint_root, "auto")
-    step, next_slot, resumed_health = train.resume(ds_engine, ref, resumed_data, paths, new_phase=False)
+    step, next_slot, resumed_health, _ = train.resume(ds_engine, ref, resumed_data, paths, new_phase=False)
     assert (step, next_slot, resumed_health) == (5, 5 * stage.global_batch, health)
     (trace,) = [json.loads(line) for line in (paths.stage_dir / "resume.jsonl").read_text().splitlines()]
     assert trace == {
