@@ -41,6 +41,8 @@ from rmpl_ds.errors import ConfigError, UserError
 
 Task = Literal["t", "i", "r", "EM", "AR", "chat"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
+# The tasks whose answers evaluation during training generates and scores (rmpl_ds.dev_eval).
+GENERATION_TASKS: tuple[str, ...] = ("EM", "AR")
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,10 @@ class StageEvalConfig:
     source (the records of ``splits``, which the stage's ``train_splits`` must leave out), computed like the training
     loss and shared by all ranks. With ``keep_best``, the checkpoint of the step with the lowest ``metric``
     (``loss``: the mean over the streams; ``loss/<stream>``: one stream's) is kept out of the ``keep_last`` rotation
-    and the stage exports it."""
+    and the stage exports it. With ``generate``, the items of the EM and AR streams are also answered by greedy
+    generation (at most ``max_new_tokens``), parsed and scored strictly (F1 in percent: event types for EM; for AR
+    arguments by trigger, role and span, image arguments by role and box at IoU >= ``iou_threshold``); ``metric``
+    may then be ``f1`` (the mean over those streams) or ``f1/<stream>`` (higher is better)."""
 
     every: int = 100
     splits: tuple[str, ...] = ("dev", "val")
@@ -123,6 +128,9 @@ class StageEvalConfig:
     max_items: int = 64
     keep_best: bool = False
     metric: str = "loss"
+    generate: bool = False
+    max_new_tokens: int = 64
+    iou_threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -488,9 +496,15 @@ def _validate_stage_eval(
     for name in evaluation.streams:
         if name not in streams:
             add(f"{ekey}.streams", f"{name!r} is not a stream of this stage ({sorted(streams)})")
+    _positive(problems, f"{ekey}.max_new_tokens", evaluation.max_new_tokens)
+    if not 0 < evaluation.iou_threshold <= 1:
+        add(f"{ekey}.iou_threshold", f"must be in (0, 1], got {evaluation.iou_threshold}")
     chosen = evaluation.streams or tuple(streams)
-    if evaluation.metric != "loss" and evaluation.metric.removeprefix("loss/") not in chosen:
-        add(f"{ekey}.metric", f"must be loss or loss/<stream> of {sorted(chosen)}, got {evaluation.metric!r}")
+    generated = [name for name in chosen if name.rsplit(":", 1)[-1] in GENERATION_TASKS] if evaluation.generate else []
+    metrics = ["loss", *(f"loss/{name}" for name in chosen)]
+    metrics += ["f1", *(f"f1/{name}" for name in generated)] if generated else []
+    if evaluation.metric not in metrics:
+        add(f"{ekey}.metric", f"must be one of {metrics}, got {evaluation.metric!r}")
     if evaluation.keep_best and evaluation.every % stage.checkpoint_every:
         add(
             f"{ekey}.every",

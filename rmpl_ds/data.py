@@ -54,6 +54,10 @@ class Renderer:
     chat_labels: ChatLabels = "all"  # the chat task's labelled assistant turns (the recipe's tasks.chat_labels)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return self._encoded(self.example(item), self.stream_index[item["stream"]])
+
+    def example(self, item: dict[str, Any]) -> Any:
+        """The rendered (not yet encoded) Example or ChatExample of a decoded shard sample for its stream's task."""
         index = self.stream_index[item["stream"]]
         task = self.tasks[index]
         try:
@@ -68,16 +72,14 @@ class Renderer:
                 )
             images = chat.sample_images(item, record) if isinstance(record, records.ChatRecord) else []
             try:
-                example = chat.render(record, images, labels=self.chat_labels)
+                return chat.render(record, images, labels=self.chat_labels)
             except ValueError as error:
                 raise UserError(f"{where}, stream {item['stream']!r}: {error}") from None
-            return self._encoded(example, index)
         image = next((item[ext] for ext in IMAGE_MEMBERS if ext in item), None)
         event_type = choose_event_type(record, np.random.default_rng(item["sample_seed"])) if task == "AR" else None
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
-        example = tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
-        return self._encoded(example, index)
+        return tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
 
     def _encoded(self, example: Any, index: int) -> dict[str, Any]:
         encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens)

@@ -8,6 +8,13 @@ is rendered for its stream's task exactly as training renders it (an AR item's e
 own) and its loss is the training loss (the recipe's loss path and loss weights do not enter: a stream's eval loss
 is the mean of its items' token-mean losses).
 
+With ``eval.generate``, the items of the EM and AR streams are also answered by greedy generation
+(rmpl_ds.evaluate.generate: the checkpoint's end tokens, no sampling), parsed by rmpl_ds.tasks and scored strictly
+against the item's own target (:func:`item_counts`): EM by event type; AR text arguments by (trigger span, role,
+argument span), AR image arguments by role and box, one to one at IoU >= ``eval.iou_threshold``
+(rmpl_ds.evaluate.m2e2.match_boxes). A stream's F1 (in percent) is micro over its items; ``eval_f1_by_task`` sums
+the counts of the streams of a task.
+
 All ranks share the items (item ``i`` on rank ``i mod world``), run them forward without gradients in eval mode
 (no dropout), and add their sums in one all-reduce, so every rank gets the same numbers. The training state is
 untouched: the RNG states are restored afterwards (nothing in eval draws from them, but a library could), the data
@@ -28,9 +35,9 @@ from typing import Any
 
 import torch
 
-from rmpl_ds import dist, engine
+from rmpl_ds import dist, engine, tasks
 from rmpl_ds.collate import model_inputs
-from rmpl_ds.config import StageConfig
+from rmpl_ds.config import GENERATION_TASKS, StageConfig
 from rmpl_ds.loss import LossPath, forward_loss
 from rmpl_ds.mixing import sample_seed
 
@@ -114,10 +121,13 @@ class DevSet:
         """Every eval stream's loss on its items, the same on every rank (collective: call on every rank).
 
         Returns ``{"eval_loss": mean over the streams, "eval_loss_by_stream": {stream: loss}, "eval_items": n,
-        "eval_time_s": seconds}``."""
+        "eval_time_s": seconds}``, with ``eval.generate`` also ``eval_f1`` (the mean over the EM and AR streams),
+        ``eval_f1_by_stream`` and ``eval_f1_by_task`` (percent)."""
+        assert self.stage.eval is not None
         began = time.perf_counter()
         n_streams = len(stream_names)
-        sums = torch.zeros(2 * n_streams, dtype=torch.float64, device=device)
+        # [loss sum per stream, items per stream, then per stream: true positives, predicted, gold]
+        sums = torch.zeros(5 * n_streams, dtype=torch.float64, device=device)
         mine = list(range(dist.rank(), len(self.items), dist.world_size()))
         saved_rng = engine.capture_rng()
         module = ds_engine.module
@@ -133,7 +143,9 @@ class DevSet:
                     streams = batch["stream_index"].to(device)
                     losses = parts.sample_losses.to(device=device, dtype=torch.float64)
                     sums[:n_streams].index_add_(0, streams, losses)
-                    sums[n_streams:].index_add_(0, streams, torch.ones_like(losses))
+                    sums[n_streams : 2 * n_streams].index_add_(0, streams, torch.ones_like(losses))
+            if self.stage.eval.generate:
+                self._generate(ds_engine, renderer, mine, sums, n_streams, micro_batch)
         finally:
             module.train(was_training)
             engine.restore_rng(saved_rng)
@@ -141,25 +153,108 @@ class DevSet:
         by_stream = {
             name: total[i] / total[n_streams + i] for i, name in enumerate(stream_names) if total[n_streams + i] > 0
         }
-        return {
+        results: dict[str, Any] = {
             "eval_loss": sum(by_stream.values()) / max(len(by_stream), 1),
             "eval_loss_by_stream": by_stream,
-            "eval_items": int(sum(total[n_streams:])),
-            "eval_time_s": time.perf_counter() - began,
+            "eval_items": int(sum(total[n_streams : 2 * n_streams])),
         }
+        if self.stage.eval.generate:
+            counts = {
+                name: total[2 * n_streams + 3 * i : 2 * n_streams + 3 * i + 3]
+                for i, name in enumerate(stream_names)
+                if name in self.streams and self.stage.mixture[i].task in GENERATION_TASKS
+            }
+            f1_by_stream = {name: f1(*values) for name, values in counts.items()}
+            by_task: dict[str, list[float]] = {}
+            for name, values in counts.items():
+                task_counts = by_task.setdefault(name.rsplit(":", 1)[-1], [0.0, 0.0, 0.0])
+                for j in range(3):
+                    task_counts[j] += values[j]
+            results.update(
+                eval_f1=sum(f1_by_stream.values()) / max(len(f1_by_stream), 1),
+                eval_f1_by_stream=f1_by_stream,
+                eval_f1_by_task={task: f1(*values) for task, values in by_task.items()},
+            )
+        results["eval_time_s"] = time.perf_counter() - began
+        return results
+
+    def _generate(
+        self, ds_engine: Any, renderer: Any, mine: list[int], sums: torch.Tensor, n_streams: int, micro_batch: int
+    ) -> None:
+        """Greedy answers for this rank's EM and AR items, scored into ``sums`` (tp, predicted, gold per stream)."""
+        from rmpl_ds.evaluate.generate import generate
+
+        assert self.stage.eval is not None
+        chosen = [
+            number for number in mine if self.stage.mixture[self.items[number].stream_index].task in GENERATION_TASKS
+        ]
+        examples = [renderer.example(self.item(number)) for number in chosen]
+        answers = generate(
+            ds_engine.module,
+            renderer.bundle,
+            examples,
+            max_new_tokens=self.stage.eval.max_new_tokens,
+            max_seq_len=renderer.max_seq_len,
+            batch_size=micro_batch,
+        )
+        for number, example, answer in zip(chosen, examples, answers, strict=True):
+            tp, predicted, gold = item_counts(example, answer, renderer.boxes, self.stage.eval.iou_threshold)
+            base = 2 * n_streams + 3 * self.items[number].stream_index
+            sums[base] += tp
+            sums[base + 1] += predicted
+            sums[base + 2] += gold
+
+
+def f1(tp: float, predicted: float, gold: float) -> float:
+    """F1 in percent; 100 when there was nothing to find and nothing was predicted."""
+    return 100.0 if predicted + gold == 0 else 200.0 * tp / (predicted + gold)
+
+
+def item_counts(example: Any, answer: str, boxes: Any, iou_threshold: float) -> tuple[int, int, int]:
+    """(true positives, predicted, gold) of one EM or AR answer against the example's own target, strictly: EM by
+    event type; AR text arguments by (trigger span, role, argument span); AR image arguments by role and box, one to
+    one at IoU >= ``iou_threshold``."""
+    from rmpl_ds.evaluate.m2e2 import match_boxes
+
+    task, meta = example.task, example.meta
+    gold = tasks.parse(task, example.target, example_meta=meta, boxes=boxes)
+    predicted = tasks.parse(task, answer, example_meta=meta, boxes=boxes)
+    if task == "EM":
+        gold_types, predicted_types = set(gold.event_types), set(predicted.event_types)
+        return len(gold_types & predicted_types), len(predicted_types), len(gold_types)
+    if meta["modality"] == "text":
+        gold_units = {(e.trigger_span, a.role, a.span) for e in gold.events for a in e.arguments}
+        predicted_units = {(e.trigger_span, a.role, a.span) for e in predicted.events for a in e.arguments}
+        return len(gold_units & predicted_units), len(predicted_units), len(gold_units)
+    gold_boxes = {(a.role, a.box) for e in gold.events for a in e.arguments if a.box is not None}
+    predicted_boxes = {(a.role, a.box) for e in predicted.events for a in e.arguments if a.box is not None}
+    roles = {role for role, _ in gold_boxes | predicted_boxes}
+    tp = sum(
+        match_boxes(
+            [box for r, box in predicted_boxes if r == role], [box for r, box in gold_boxes if r == role], iou_threshold
+        )
+        for role in roles
+    )
+    return tp, len(predicted_boxes), len(gold_boxes)
 
 
 @dataclass
 class BestTracker:
-    """Evaluations so far (``[step, metric value]``) and the best one (lowest value; the earlier step on a tie)."""
+    """Evaluations so far (``[step, metric value]``) and the best one (the lowest loss or the highest F1; the earlier
+    step on a tie)."""
 
     metric: str
     history: list[list[float]] = field(default_factory=list)
 
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric.split("/", 1)[0] == "f1"
+
     def value(self, results: dict[str, Any]) -> float:
-        if self.metric == "loss":
-            return float(results["eval_loss"])
-        return float(results["eval_loss_by_stream"].get(self.metric.removeprefix("loss/"), math.nan))
+        kind, _, stream = self.metric.partition("/")
+        if not stream:
+            return float(results.get(f"eval_{kind}", math.nan))
+        return float(results.get(f"eval_{kind}_by_stream", {}).get(stream, math.nan))
 
     def record(self, step: int, results: dict[str, Any]) -> bool:
         """Add an evaluation; True when it is the new best."""
@@ -173,7 +268,8 @@ class BestTracker:
         finite = [(int(step), value) for step, value in self.history if math.isfinite(value)]
         if not finite:
             return None
-        step, value = min(finite, key=lambda entry: (entry[1], entry[0]))
+        sign = -1.0 if self.higher_is_better else 1.0
+        step, value = min(finite, key=lambda entry: (sign * entry[1], entry[0]))
         return step, value
 
     def state(self) -> dict[str, Any]:

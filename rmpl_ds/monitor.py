@@ -18,7 +18,8 @@ Stage I's on one axis. Tags, grouped by what they say (:func:`scalars`):
   ``peak_rss_gib`` (CPU: the process's peak resident set);
 * ``health/``: ``bad_steps``, ``bad_steps_in_a_row``, ``skipped`` (steps with a non-finite loss);
 * ``eval/loss`` (the mean over the eval streams), ``eval/loss/<stream>``, ``eval/time_s``: the held-out loss of a
-  stage with an ``eval`` section, at the steps it evaluates (rmpl_ds.dev_eval);
+  stage with an ``eval`` section, at the steps it evaluates (rmpl_ds.dev_eval); with ``eval.generate`` also
+  ``eval/f1``, ``eval/f1/<stream>`` and ``eval/<task>/f1`` (``eval/EM/f1``, ``eval/AR/f1``);
 * ``eval/m2e2/...``: the evaluation's scores, written where evaluation runs (rmpl_ds.pipeline).
 
 A custom-scalars layout (TensorBoard's "Custom Scalars" tab, :data:`LAYOUT`) puts the loss with the per-stream
@@ -54,6 +55,7 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
     },
     "evaluation": {
         "held-out loss, total and per stream": ["Multiline", [r"eval/loss$", r"eval/loss/.*"]],
+        "held-out F1 (generation)": ["Multiline", [r"eval/f1$", r"eval/f1/.*", r"eval/(EM|AR)/f1"]],
         "M2E2 F1": ["Multiline", [r"eval/.*/f1$", r"eval/.*_f1$"]],
     },
 }
@@ -76,6 +78,9 @@ _TAGS: dict[str, str] = {
     "skipped": "health/skipped",
     "eval_loss": "eval/loss",
     "eval_loss_by_stream": "eval/loss",
+    "eval_f1": "eval/f1",
+    "eval_f1_by_stream": "eval/f1",
+    "eval_f1_by_task": "eval/{name}/f1",
     "eval_time_s": "eval/time_s",
 }
 
@@ -89,7 +94,8 @@ def scalars(metrics: dict[str, Any], device_type: str) -> list[tuple[str, float]
         items = value.items() if isinstance(value, dict) else [("", value)]
         for name, item in items:
             if isinstance(item, bool | int | float) and math.isfinite(float(item)):
-                pairs.append((f"{tag}/{name}" if name else tag, float(item)))
+                where = tag.format(name=name) if "{name}" in tag else f"{tag}/{name}" if name else tag
+                pairs.append((where, float(item)))
     return pairs
 
 

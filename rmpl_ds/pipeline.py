@@ -247,6 +247,7 @@ def write_pipeline_report(run_dir: Path, recipe: Recipe, summary: dict[str, Any]
         )
         + ".",
         "",
+        *held_out_lines(run_dir, recipe),
         "## Training curves",
         "",
         *[f"![{path.stem}]({path.relative_to(run_dir).as_posix()})" for path in curves],
@@ -271,6 +272,48 @@ def write_pipeline_report(run_dir: Path, recipe: Recipe, summary: dict[str, Any]
         row_notes=row_notes(recipe),
     )
     return paths.markdown
+
+
+def held_out_lines(run_dir: Path, recipe: Recipe) -> list[str]:
+    """report.md's "Held-out evaluation during training": per stage with an ``eval`` section, each evaluation's
+    loss and (with ``generate``) F1 per task, and the step the stage exported (rmpl_ds.dev_eval)."""
+    from rmpl_ds.evaluate.curves import read_metrics
+
+    lines: list[str] = []
+    for stage in recipe.stages:
+        evaluated = [m for m in read_metrics(run_dir / stage.name / "metrics.jsonl") if "eval_loss" in m]
+        if stage.eval is None or not evaluated:
+            continue
+        tasks_seen = sorted({task for m in evaluated for task in m.get("eval_f1_by_task", {})})
+        header = ["step", "held-out loss", *(f"{task} F1" for task in tasks_seen)]
+        rows = [
+            [str(m["step"]), f"{m['eval_loss']:.4f}", *(f"{m['eval_f1_by_task'][task]:.2f}" for task in tasks_seen)]
+            for m in evaluated
+        ]
+        summary_path = run_dir / stage.name / "summary.json"
+        selected = (
+            json.loads(summary_path.read_text(encoding="utf-8")).get("selected") if summary_path.is_file() else None
+        )
+        lines += [
+            f"### {stage.name}: held-out evaluation during training",
+            "",
+            f"{evaluated[0].get('eval_items', 0)} held-out records ({'/'.join(stage.eval.splits)}) of "
+            f"{', '.join(evaluated[0]['eval_loss_by_stream'])}, every {stage.eval.every} steps"
+            + (
+                f"; greedy answers scored strictly (EM types; AR arguments, boxes at IoU >= {stage.eval.iou_threshold})"
+                if stage.eval.generate
+                else ""
+            )
+            + ".",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---:|" * len(header),
+            *["| " + " | ".join(row) + " |" for row in rows],
+            "",
+        ]
+        if selected:
+            lines += [f"Exported: the weights of step {selected['step']}, {selected['why']}.", ""]
+    return (["## Held-out evaluation during training", "", *lines]) if lines else []
 
 
 # The tasks the evaluation asks for; a model never trained on them answers them by chance, if at all.

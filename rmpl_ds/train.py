@@ -284,11 +284,14 @@ def run(args: argparse.Namespace) -> int:
                 )
                 improved = best.record(step, results)
                 metrics.update(results)
+                by_task = results.get("eval_f1_by_task", {})
+                f1_line = "".join(f" {task} F1 {value:.2f}" for task, value in by_task.items())
                 log.info(
-                    "eval step %d: loss %.4f [%s] in %.1f s%s",
+                    "eval step %d: loss %.4f [%s]%s in %.1f s%s",
                     step,
                     results["eval_loss"],
                     " ".join(f"{name}={value:.4f}" for name, value in sorted(results["eval_loss_by_stream"].items())),
+                    f1_line,
                     results["eval_time_s"],
                     " (best so far)" if improved else "",
                 )
@@ -343,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
             "step": export_step,
             "metric": f"eval {stage.eval.metric}",
             "value": value,
-            "why": f"the lowest eval {stage.eval.metric} of {len(best.history)} evaluations (eval.keep_best)",
+            "why": f"the {'highest' if best.higher_is_better else 'lowest'} eval {stage.eval.metric} of "
+            f"{len(best.history)} evaluations (eval.keep_best)",
             "history": best.history,
         }
         if export_step != step:

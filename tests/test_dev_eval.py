@@ -80,7 +80,7 @@ def test_the_eval_section_is_checked_with_the_recipe() -> None:
     message = str(raised.value)
     assert "stages[0].eval.splits: ['dev'] are trained on too (train_splits)" in message
     assert "stages[0].eval.streams: 'mnre:r' is not a stream of this stage" in message
-    assert "stages[0].eval.metric: must be loss or loss/<stream>" in message
+    assert "stages[0].eval.metric: must be one of ['loss', 'loss/ace:t', 'loss/mnre:r'], got 'f1'" in message
     assert "stages[0].eval.every: keep_best keeps an evaluated step's checkpoint: every (3) must be" in message
 
 
@@ -97,6 +97,48 @@ def test_best_tracker_keeps_the_lowest_and_trims_to_a_resumed_step() -> None:
     per_stream = BestTracker("loss/ace:t")
     per_stream.record(2, {"eval_loss": 1.0, "eval_loss_by_stream": {"ace:t": 5.0}})
     assert per_stream.best == (2, 5.0)
+    scored = BestTracker("f1/ace:EM")  # F1: higher is better
+    for step, value in ((2, 10.0), (4, 30.0), (6, 20.0)):
+        scored.record(step, {"eval_loss": 1.0, "eval_f1_by_stream": {"ace:EM": value}})
+    assert scored.higher_is_better and scored.best == (4, 30.0)
+
+
+def test_generated_answers_are_scored_strictly_per_item(demo_shards) -> None:
+    from rmpl_ds import records, tasks
+    from rmpl_ds.dev_eval import f1, item_counts
+
+    with ShardSet.open(demo_shards["swig"]) as shards:
+        image_item = next(
+            item for item in (shards.read(i) for i in range(len(shards))) if len(item["json"]["events"]) == 1
+        )
+    with ShardSet.open(demo_shards["ace"]) as shards:
+        sentence = next(
+            records.from_json(item["json"])
+            for item in (shards.read(i) for i in range(len(shards)))
+            if any(event["arguments"] for event in item["json"]["events"])
+        )
+    image_record = records.from_json(image_item["json"])
+    image_type = image_record.events[0].event_type
+    em = tasks.render(image_record, "EM", image=image_item["jpg"])
+    assert item_counts(em, em.target, tasks.PLAIN, 0.5) == (1, 1, 1)
+    assert item_counts(em, "none", tasks.PLAIN, 0.5) == (0, 0, 1)
+    other = next(t for t in tasks.EVENT_TYPES if t != image_type)
+    assert item_counts(em, f"{image_type}\n{other}", tasks.PLAIN, 0.5) == (1, 2, 1)
+
+    ar = tasks.render(image_record, "AR", image=image_item["jpg"], event_type=image_type)
+    n_boxes = sum(1 for argument in image_record.events[0].arguments if argument.box is not None)
+    assert n_boxes > 0 and item_counts(ar, ar.target, tasks.PLAIN, 0.5) == (n_boxes, n_boxes, n_boxes)
+    first_box = ar.target.split(";")[0].split(":", 1)[1]
+    moved = ar.target.replace(first_box.strip(), "[0,0,1,1]", 1)  # far from every gold box
+    assert item_counts(ar, moved, tasks.PLAIN, 0.5) == (n_boxes - 1, n_boxes, n_boxes)
+    assert item_counts(ar, "", tasks.PLAIN, 0.5) == (0, 0, n_boxes)
+
+    event = next(event for event in sentence.events if event.arguments)
+    text_ar = tasks.render(sentence, "AR", event_type=event.event_type)
+    gold = tasks.parse("AR", text_ar.target, example_meta=text_ar.meta)
+    n_arguments = sum(len(e.arguments) for e in gold.events)
+    assert item_counts(text_ar, text_ar.target, tasks.PLAIN, 0.5) == (n_arguments, n_arguments, n_arguments)
+    assert f1(0, 0, 0) == 100.0 and f1(1, 2, 2) == 50.0 and f1(0, 3, 0) == 0.0
 
 
 def test_the_rotation_keeps_the_protected_checkpoint(tmp_path: Path) -> None:
@@ -207,3 +249,38 @@ def test_eval_tags_read_back_from_tensorboard(runs: dict) -> None:
     logged = [(event.step, event.value) for event in accumulator.Scalars("eval/loss")]
     assert [step for step, _ in logged] == [2, 4, 6]
     assert [value for _, value in logged] == pytest.approx([m["eval_loss"] for m in eval_lines(runs["on"])], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_generation_f1_of_em_and_ar_streams_on_two_ranks(launcher_recipe, tmp_path: Path) -> None:
+    """A Stage II mixture (ace:EM, swig:AR) with eval.generate: F1 per stream and per task in metrics.jsonl and
+    TensorBoard, the best step by F1 exported, and training losses equal to the run without eval."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = launcher_recipe(tmp_path, "dev-eval-f1", steps=4, keep_last=1)
+    data = yaml.safe_load(path.read_text())
+    mixture = [{"source": "ace", "task": "EM", "weight": 1}, {"source": "swig", "task": "AR", "weight": 1}]
+    data["stages"][0].update(train_splits=["train"], mixture=mixture)
+    path.write_text(yaml.safe_dump(data))
+    setup = {"recipe": path}
+    evaluation = {"every": 2, "max_items": 4, "generate": True, "max_new_tokens": 12, "keep_best": True, "metric": "f1"}
+    with_eval, without = tmp_path / "with", tmp_path / "without"
+    train(setup, with_eval, "stage1", "stages.stage1.eval=" + json.dumps(evaluation))
+    train(setup, without)
+    assert [m["loss"] for m in metric_lines(with_eval)] == [m["loss"] for m in metric_lines(without)]
+    evaluated = eval_lines(with_eval)
+    assert [m["step"] for m in evaluated] == [2, 4]
+    for line in evaluated:
+        assert set(line["eval_f1_by_stream"]) == {"ace:EM", "swig:AR"}
+        assert set(line["eval_f1_by_task"]) == {"EM", "AR"}
+        assert all(0.0 <= value <= 100.0 for value in line["eval_f1_by_stream"].values())
+        assert line["eval_f1"] == pytest.approx(sum(line["eval_f1_by_stream"].values()) / 2, rel=1e-12)
+    best = max(evaluated, key=lambda m: (m["eval_f1"], -m["step"]))
+    manifest = json.loads((with_eval / "stage1" / "export" / handoff.MANIFEST).read_text())
+    assert manifest["selected"]["step"] == best["step"] and manifest["selected"]["metric"] == "eval f1"
+    assert manifest["selected"]["why"].startswith("the highest eval f1 of 2 evaluations")
+    accumulator = EventAccumulator(str(with_eval / "tensorboard" / "stage1"))
+    accumulator.Reload()
+    assert {"eval/f1", "eval/f1/ace:EM", "eval/f1/swig:AR", "eval/EM/f1", "eval/AR/f1"} <= set(
+        accumulator.Tags()["scalars"]
+    )

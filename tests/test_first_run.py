@@ -23,6 +23,8 @@ QUICK = [
         for stage in ("stage1", "stage2")
         for key, value in (("steps", 2), ("warmup_steps", 0), ("checkpoint_every", 2))
     ),
+    "stages.stage2.eval.max_items=2",
+    "stages.stage2.eval.max_new_tokens=8",
     "evaluation.limit=2",
     "evaluation.max_new_tokens=8",
     "launch.num_workers=0",

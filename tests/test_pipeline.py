@@ -85,6 +85,10 @@ def test_shortened_demo_pipeline(tmp_path: Path, tiny_model_dir) -> None:
     assert set(summary["learning_margin_em_f1"]) == {"text_only", "image_only"}
     report = (run / "report.md").read_text()
     assert "Table 2" in report and "| stage2 |" in report and "curves_stage1.png" in report
+    assert (
+        "### stage2: held-out evaluation during training" in report
+        and "| step | held-out loss | AR F1 | EM F1 |" in report
+    )
     for png in ("f1.png", "curves_stage1.png", "curves_stage2.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert (run / "tensorboard" / "stage1").is_dir() and (run / "tensorboard" / "eval").is_dir()

@@ -1,5 +1,6 @@
 """Training curves from each stage's ``metrics.jsonl``: loss (total and per stream), realized mixture vs target,
-learning rate. One PNG per stage, drawn with matplotlib's object API on the Agg canvas (no global state)."""
+learning rate, and for a stage that evaluates while it trains the held-out F1 or loss. One PNG per stage, drawn
+with matplotlib's object API on the Agg canvas (no global state)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,23 @@ def _mixture_deviation(metrics: list[dict[str, Any]], stage: Any) -> dict[str, l
     return deviation
 
 
+def _plot_held_out(axis: Any, evaluated: list[dict[str, Any]], stage: str) -> None:
+    """The held-out evaluations during training (rmpl_ds.dev_eval): F1 per task when answers were generated, else
+    the held-out loss per stream."""
+    steps = [m["step"] for m in evaluated]
+    if any("eval_f1_by_task" in m for m in evaluated):
+        for index, task in enumerate(sorted({t for m in evaluated for t in m.get("eval_f1_by_task", {})})):
+            values = [m.get("eval_f1_by_task", {}).get(task, float("nan")) for m in evaluated]
+            axis.plot(steps, values, marker=MARKERS[index % len(MARKERS)], color=f"C{index}", label=f"{task} F1")
+        axis.set(title=f"{stage}: held-out F1 (greedy answers)", xlabel="optimizer step", ylabel="F1 (%)")
+    else:
+        for index, name in enumerate(sorted({n for m in evaluated for n in m["eval_loss_by_stream"]})):
+            values = [m["eval_loss_by_stream"].get(name, float("nan")) for m in evaluated]
+            axis.plot(steps, values, marker=MARKERS[index % len(MARKERS)], color=f"C{index}", label=name)
+        axis.set(title=f"{stage}: held-out loss", xlabel="optimizer step")
+    axis.legend(fontsize=7)
+
+
 def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -52,9 +70,12 @@ def plot_training_curves(run_dir: Path, recipe: Recipe) -> list[Path]:
         if not metrics:
             continue
         steps = [m["step"] for m in metrics]
-        figure = Figure(figsize=(13, 3.8), layout="constrained")
+        evaluated = [m for m in metrics if "eval_loss" in m]
+        figure = Figure(figsize=(17 if evaluated else 13, 3.8), layout="constrained")
         FigureCanvasAgg(figure)
-        loss_ax, mix_ax, lr_ax = figure.subplots(1, 3)
+        loss_ax, mix_ax, lr_ax, *held_out = figure.subplots(1, 4 if evaluated else 3)
+        if held_out:
+            _plot_held_out(held_out[0], evaluated, stage.name)
         loss_ax.plot(steps, [m["loss"] for m in metrics], color="black", linewidth=2, label="total")
         total_weight = sum(s.weight for s in stage.mixture)
         deviation = _mixture_deviation(metrics, stage)
