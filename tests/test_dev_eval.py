@@ -284,3 +284,11 @@ def test_generation_f1_of_em_and_ar_streams_on_two_ranks(launcher_recipe, tmp_pa
     assert {"eval/f1", "eval/f1/ace:EM", "eval/f1/swig:AR", "eval/EM/f1", "eval/AR/f1"} <= set(
         accumulator.Tags()["scalars"]
     )
+    # QLoRA (4-bit base, bf16 compute) under ZeRO-2: the same evaluation runs on both ranks and the stage ends.
+    quantized = tmp_path / "qlora"
+    train(
+        setup, quantized, "stage1", "stages.stage1.eval=" + json.dumps(evaluation), "model.mode=qlora",
+        "stages.stage1.steps=2",
+    )  # fmt: skip
+    (line,) = eval_lines(quantized)
+    assert line["step"] == 2 and set(line["eval_f1_by_task"]) == {"EM", "AR"} and math.isfinite(line["eval_loss"])
