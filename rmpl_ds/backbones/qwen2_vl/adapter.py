@@ -8,6 +8,9 @@ from rmpl_ds.backbones.qwen_vl import QwenVLAdapter
 
 
 class Adapter(QwenVLAdapter):
+    # The processor class a tiny twin's preprocessor_config.json names (Qwen2.5-VL's adapter changes it).
+    tiny_processor_class = "Qwen2VLProcessor"
+
     def tiny_config_dict(self, token_ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
         """The full-size config shrunk to a CPU-sized model of the same class (hidden 128, 2 layers, ViT 64 wide)."""
         config = self.spec.full_size_config_dict()
@@ -32,8 +35,12 @@ class Adapter(QwenVLAdapter):
             image_token_id=token_ids["<|image_pad|>"],
             video_token_id=token_ids["<|video_pad|>"],
         )
-        config["vision_config"].update(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=128)
+        self.shrink_vision(config["vision_config"])
         return config
+
+    def shrink_vision(self, vision: dict[str, Any]) -> None:
+        """The tiny twin's ViT: 64 wide, 2 blocks."""
+        vision.update(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=128)
 
     def tiny_preprocessor(self) -> dict[str, Any]:
         """Published settings with a 112×112 pixel cap: 8×8 patches, 16 image tokens for a 512×512 image."""
@@ -41,5 +48,5 @@ class Adapter(QwenVLAdapter):
             **self.spec.reference_preprocessor,
             "max_pixels": 112 * 112,
             "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
+            "processor_class": self.tiny_processor_class,
         }
