@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 # OpenAI CLIP normalization, the Qwen2-VL and Qwen2.5-VL processors' default.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# preprocessor_config.json of the published Qwen2-VL-7B-Instruct and Qwen2.5-VL-7B-Instruct checkpoints (the same).
+QWEN2_VL_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+}
 
 # The special tokens every Qwen-VL tokenizer has (Qwen2-VL's set).
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (

@@ -7,8 +7,7 @@ special tokens): ``<|object_ref_start|>Agent<|object_ref_end|><|box_start|>(121,
 """
 
 from rmpl_ds.backbones.qwen_vl import (
-    CLIP_MEAN,
-    CLIP_STD,
+    QWEN2_VL_PREPROCESSOR,
     QWEN_IMAGE_TOKENS,
     QWEN_SPECIAL_TOKENS,
     merge_geometry,
@@ -28,16 +27,7 @@ SPEC = FamilySpec(
     projector_modules=("model.visual.merger",),
     vision_lora_pattern=r"blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))",
     quantization_skip_modules=("lm_head", "model.visual"),
-    # preprocessor_config.json of the published checkpoint
-    reference_preprocessor={
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-    },
+    reference_preprocessor=QWEN2_VL_PREPROCESSOR,
     **QWEN_IMAGE_TOKENS,
     chat_template=qwen_chat_template(default_system="You are a helpful assistant."),
     special_tokens=QWEN_SPECIAL_TOKENS,
