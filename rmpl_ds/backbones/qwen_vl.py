@@ -52,9 +52,8 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 # What Qwen2.5's tokenizer adds (tool calls, fill-in-the-middle); Qwen3's adds thinking on top.
-QWEN2_5_EXTRA_TOKENS: tuple[str, ...] = (
-    "<tool_call>",
-    "</tool_call>",
+# The code-completion tokens of the Qwen2.5 and Qwen3 tokenizers.
+QWEN_FIM_TOKENS: tuple[str, ...] = (
     "<|fim_prefix|>",
     "<|fim_middle|>",
     "<|fim_suffix|>",
@@ -62,6 +61,7 @@ QWEN2_5_EXTRA_TOKENS: tuple[str, ...] = (
     "<|repo_name|>",
     "<|file_sep|>",
 )
+QWEN2_5_EXTRA_TOKENS: tuple[str, ...] = ("<tool_call>", "</tool_call>", *QWEN_FIM_TOKENS)
 
 # The Qwen-VL image markers, as every Qwen-VL spec names them.
 QWEN_IMAGE_TOKENS = {

@@ -6,18 +6,19 @@ layers) together form the projector. Grounding (the Qwen3-VL cookbook, "2D groun
 ``{"bbox_2d": [x1, y1, x2, y2], "label": "Agent"}`` with coordinates relative to the image on a 0-1000 grid.
 """
 
-from rmpl_ds.backbones.qwen_vl import QWEN_IMAGE_TOKENS, QWEN_SPECIAL_TOKENS, merge_geometry, qwen_chat_template
+from rmpl_ds.backbones.qwen_vl import (
+    QWEN_FIM_TOKENS,
+    QWEN_IMAGE_TOKENS,
+    QWEN_SPECIAL_TOKENS,
+    merge_geometry,
+    qwen_chat_template,
+)
 from rmpl_ds.backbones.spec import FamilySpec
 from rmpl_ds.grounding import QWEN3_VL
 
 QWEN3_SPECIAL_TOKENS: tuple[str, ...] = (
     *QWEN_SPECIAL_TOKENS,
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
+    *QWEN_FIM_TOKENS,
     "<tool_call>",
     "</tool_call>",
     "<think>",
