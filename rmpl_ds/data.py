@@ -54,7 +54,7 @@ class Renderer:
     chat_labels: ChatLabels = "all"  # the chat task's labelled assistant turns (the recipe's tasks.chat_labels)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return self._encoded(self.example(item), self.stream_index[item["stream"]])
+        return self.encode(self.example(item), self.stream_index[item["stream"]])
 
     def example(self, item: dict[str, Any]) -> Any:
         """The rendered (not yet encoded) Example or ChatExample of a decoded shard sample for its stream's task."""
@@ -81,7 +81,8 @@ class Renderer:
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
         return tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
 
-    def _encoded(self, example: Any, index: int) -> dict[str, Any]:
+    def encode(self, example: Any, index: int) -> dict[str, Any]:
+        """``example`` encoded for training, with its stream's index and loss weight."""
         encoded = self.bundle.encode(example, max_seq_len=self.max_seq_len, max_target_tokens=self.max_target_tokens)
         encoded["stream_index"] = index
         encoded["loss_weight"] = self.loss_weights[index]

@@ -134,9 +134,23 @@ class DevSet:
         was_training = module.training
         module.eval()
         try:
+            generated: list[tuple[int, Any]] = []  # (item number, example) of this rank's EM and AR items
             with torch.no_grad():
                 for start in range(0, len(mine), micro_batch):
-                    batch = collator([renderer(self.item(number)) for number in mine[start : start + micro_batch]])
+                    numbers = mine[start : start + micro_batch]
+                    examples = [renderer.example(self.item(number)) for number in numbers]
+                    batch = collator(
+                        [
+                            renderer.encode(example, self.items[number].stream_index)
+                            for number, example in zip(numbers, examples, strict=True)
+                        ]
+                    )
+                    if self.stage.eval.generate:
+                        generated += [
+                            (number, example)
+                            for number, example in zip(numbers, examples, strict=True)
+                            if self.stage.mixture[self.items[number].stream_index].task in GENERATION_TASKS
+                        ]
                     inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in _LOOP_KEYS}
                     weights = torch.ones_like(batch["loss_weight"])
                     parts = forward_loss(ds_engine, inputs, batch["labels"], weights, path=loss_path)
@@ -145,7 +159,7 @@ class DevSet:
                     sums[:n_streams].index_add_(0, streams, losses)
                     sums[n_streams : 2 * n_streams].index_add_(0, streams, torch.ones_like(losses))
             if self.stage.eval.generate:
-                self._generate(ds_engine, renderer, mine, sums, n_streams, micro_batch)
+                self._generate(ds_engine, renderer, generated, sums, n_streams, micro_batch)
         finally:
             module.train(was_training)
             engine.restore_rng(saved_rng)
@@ -179,16 +193,21 @@ class DevSet:
         return results
 
     def _generate(
-        self, ds_engine: Any, renderer: Any, mine: list[int], sums: torch.Tensor, n_streams: int, micro_batch: int
+        self,
+        ds_engine: Any,
+        renderer: Any,
+        generated: list[tuple[int, Any]],
+        sums: torch.Tensor,
+        n_streams: int,
+        micro_batch: int,
     ) -> None:
-        """Greedy answers for this rank's EM and AR items, scored into ``sums`` (tp, predicted, gold per stream)."""
+        """Greedy answers for this rank's EM and AR items (``(item number, rendered example)``, as the loss pass
+        rendered them), scored into ``sums`` (tp, predicted, gold per stream)."""
         from rmpl_ds.evaluate.generate import generate
 
         assert self.stage.eval is not None
-        chosen = [
-            number for number in mine if self.stage.mixture[self.items[number].stream_index].task in GENERATION_TASKS
-        ]
-        examples = [renderer.example(self.item(number)) for number in chosen]
+        chosen = [number for number, _ in generated]
+        examples = [example for _, example in generated]
         answers = generate(
             ds_engine.module,
             renderer.bundle,
