@@ -39,7 +39,7 @@ import yaml
 
 from rmpl_ds.errors import ConfigError, UserError
 
-Task = Literal["t", "i", "r", "EM", "AR", "chat"]
+Task = Literal["t", "i", "r", "EM", "AR", "joint", "ts", "vs", "chat"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 # The tasks whose answers evaluation during training generates and scores (rmpl_ds.dev_eval).
 GENERATION_TASKS: tuple[str, ...] = ("EM", "AR")
@@ -134,12 +134,28 @@ class StageEvalConfig:
 
 
 @dataclass(frozen=True)
+class LossWeightingConfig:
+    """How a stage's stream loss weights move during training (rmpl_ds.weighting).
+
+    ``kind: fixed`` (the default) keeps each stream's ``loss_weight``. ``kind: dwa`` is dynamic weight averaging
+    (Liu et al. 2019, as X-MTL uses it): every ``window`` optimizer steps each stream's mean loss over the window is
+    recorded, and from the third window on stream k's weight is ``loss_weight_k x W_k`` with
+    ``W_k = K softmax_k(temperature x L_k(t-1) / L_k(t-2))`` over the K streams (``temperature`` is X-MTL's alpha,
+    0.5; the original DWA's 1/T); before two windows exist ``W_k = 1``."""
+
+    kind: Literal["fixed", "dwa"] = "fixed"
+    temperature: float = 0.5
+    window: int = 20
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One training stage = one launcher run.
 
     ``init_from`` is ``null`` (start from the base model) or the name of an earlier stage whose export this
     stage starts from. ``train_splits``: the record splits the stage trains on (``[train]``; empty: every record of
-    its shard sets). ``eval``: evaluation during the stage (:class:`StageEvalConfig`), or null.
+    its shard sets). ``eval``: evaluation during the stage (:class:`StageEvalConfig`), or null. ``loss_weighting``:
+    fixed stream loss weights or dynamic weight averaging (:class:`LossWeightingConfig`).
     """
 
     name: str
@@ -163,6 +179,7 @@ class StageConfig:
     phases: tuple[PhaseConfig, ...] = ()
     train_splits: tuple[str, ...] = ()
     eval: StageEvalConfig | None = None
+    loss_weighting: LossWeightingConfig = field(default_factory=LossWeightingConfig)
 
 
 @dataclass(frozen=True)
@@ -212,19 +229,22 @@ class TasksConfig:
     """How targets are written. ``box_format``: ``native`` (the default) writes image arguments in the grounding
     syntax the backbone was pretrained with (rmpl_ds.grounding); ``plain`` as ``role: [x1,y1,x2,y2]`` on 0-999.
     ``chat_labels``: the ``chat`` task's loss covers every assistant turn (``all``, the default) or the last one
-    (``last``); a chat dataset's own boxes are text and never rewritten (rmpl_ds.chat)."""
+    (``last``); a chat dataset's own boxes are text and never rewritten (rmpl_ds.chat). ``schema_guided``: the EM,
+    AR and joint prompts list every event type with its definition and roles (LLaVA-MS-PIT's schema-guided
+    prompts; rmpl_ds.tasks), in training and in evaluation alike."""
 
     box_format: Literal["native", "plain"] = "native"
     chat_labels: Literal["all", "last"] = "all"
+    schema_guided: bool = False
 
 
 @dataclass(frozen=True)
 class RawSource:
     """Where `rmpl-ds pipeline` builds a missing shard set from: a converter (``ace``, ``imsitu``, ``swig``, ``mnre``,
-    ``m2e2``, ``chat``), its raw input and, for image sources, the image directory (``chat``: where relative image
-    paths resolve, else the input's folder)."""
+    ``m2e2``, ``chat``, ``pairs``, ``schema``), its raw input and, for image sources, the image directory (``chat``:
+    where relative image paths resolve, else the input's folder)."""
 
-    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2", "chat"]
+    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2", "chat", "pairs", "schema"]
     input: str
     images: str | None = None
     shard_size: int = 1000
@@ -571,6 +591,9 @@ def _validate_stage(
         add(f"{key}.seed", f"must be >= 0, got {stage.seed}")
     if stage.eval is not None:
         _validate_stage_eval(stage, stage.eval, key, streams, problems)
+    if stage.loss_weighting.kind == "dwa":
+        _positive(problems, f"{key}.loss_weighting.temperature", stage.loss_weighting.temperature)
+        _positive(problems, f"{key}.loss_weighting.window", stage.loss_weighting.window)
     for message in _batch_problems(stage.global_batch, stage.micro_batch, world):
         add(f"{key}.global_batch", message, depends=(f"{key}.micro_batch", *world_keys))
     previous = -1

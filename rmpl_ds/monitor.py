@@ -10,7 +10,8 @@ logged at ``offset + s``, the offset being the steps of the recipe's earlier sta
 Stage I's on one axis. Tags, grouped by what they say (:func:`scalars`):
 
 * ``train/``: ``loss`` (the mean of the per-sample weighted losses), ``loss_by_stream/<stream>``, ``lr``,
-  ``grad_norm``;
+  ``grad_norm``, and with ``loss_weighting: {kind: dwa}`` ``loss_weight/<stream>`` (the weight each stream's loss
+  had in the step: ``loss_weight`` x its DWA weight, rmpl_ds.weighting);
 * ``throughput/``: ``samples_per_s``, ``tokens_per_s``, ``step_time_s``;
 * ``data/``: ``realized_share/<stream>`` (the stream's cumulative share of the samples so far, exact by the
   sampler), ``epochs/<stream>`` (source-epochs drawn), ``real_token_fraction``;
@@ -44,6 +45,7 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         "loss, total and per stream": ["Multiline", [r"train/loss$", r"train/loss_by_stream/.*"]],
         "learning rate": ["Multiline", [r"train/lr"]],
         "gradient norm": ["Multiline", [r"train/grad_norm"]],
+        "loss weight per stream (DWA)": ["Multiline", [r"train/loss_weight/.*"]],
     },
     "throughput and memory": {
         "samples and tokens per second": ["Multiline", [r"throughput/samples_per_s", r"throughput/tokens_per_s"]],
@@ -64,6 +66,7 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
 _TAGS: dict[str, str] = {
     "loss": "train/loss",
     "loss_by_stream": "train/loss_by_stream",
+    "loss_weights": "train/loss_weight",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "samples_per_s": "throughput/samples_per_s",

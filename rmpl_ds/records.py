@@ -7,6 +7,10 @@ same image that is stored next to the record in its shard. A record with no even
 A :class:`ChatRecord` is a conversation of a user's own instruction data (rmpl_ds.sources.chat): every turn as
 written, images by position; it renders only for the ``chat`` task.
 
+Two kinds serve the training strategies of related methods: a :class:`CaptionPair` is an unlabeled image with its
+caption (X-MTL's pseudo-label self-training reads them, rmpl_ds.pseudo); a :class:`SchemaQuestion` is one question
+about the event ontology (LLaVA-MS-PIT's textual-schema stage, rmpl_ds.sources.schema).
+
 ``to_json(record)`` / ``from_json(obj)`` round-trip a record through plain JSON types; the ``kind`` key says
 which class to rebuild.
 """
@@ -168,9 +172,45 @@ class ChatRecord:
     images: tuple[str, ...] = ()
 
 
-Record = TextSentence | ImageRecord | RelationPair | CrossMediaLink | ChatRecord
+@dataclass(frozen=True)
+class CaptionPair:
+    """An unlabeled image with its caption (an image-caption corpus such as X-MTL's VOA pairs).
+
+    ``tokens``: the caption, tokenized; ``image``: the file name (the shard stores the image bytes beside the
+    record), ``width`` x ``height`` its size in pixels.
+    """
+
+    kind: ClassVar[str] = "caption_pair"
+    id: str
+    source: str
+    split: str
+    image: str
+    width: int
+    height: int
+    tokens: tuple[str, ...]
+    document_id: str = ""
+
+
+@dataclass(frozen=True)
+class SchemaQuestion:
+    """One question about an event type of the ontology: its definition and role inventories, and which question
+    (``form``) the record asks (rmpl_ds.sources.schema lists the forms)."""
+
+    kind: ClassVar[str] = "schema_question"
+    id: str
+    source: str
+    split: str
+    event_type: str
+    form: str
+    definition: str
+    text_roles: tuple[str, ...]
+    image_roles: tuple[str, ...]
+
+
+Record = TextSentence | ImageRecord | RelationPair | CrossMediaLink | ChatRecord | CaptionPair | SchemaQuestion
 RECORD_KINDS: dict[str, type] = {
-    cls.kind: cls for cls in (TextSentence, ImageRecord, RelationPair, CrossMediaLink, ChatRecord)
+    cls.kind: cls
+    for cls in (TextSentence, ImageRecord, RelationPair, CrossMediaLink, ChatRecord, CaptionPair, SchemaQuestion)
 }
 
 

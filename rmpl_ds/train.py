@@ -50,13 +50,14 @@ import torch
 
 from rmpl_ds import checkpoint, dist, engine, handoff
 from rmpl_ds.collate import model_inputs
-from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
+from rmpl_ds.config import LossWeightingConfig, Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
 from rmpl_ds.dev_eval import BestTracker, DevSet
 from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
 from rmpl_ds.log import get_logger, quiet_libraries, setup_logging
 from rmpl_ds.loss import LossPath, forward_loss
 from rmpl_ds.mixing import batch_slots
+from rmpl_ds.weighting import StreamWeights
 
 log = get_logger("rmpl_ds.train")
 
@@ -216,17 +217,17 @@ def run(args: argparse.Namespace) -> int:
     # ---- 6. resume
     start_step, next_slot = 0, 0
     health = Health()
-    evaluations = None
+    saved: dict[str, Any] = {}
     if ref is not None:
-        start_step, next_slot, health, evaluations = resume(
-            ds_engine, ref, data, paths, args.new_phase, universal=universal
-        )
+        start_step, next_slot, health, saved = resume(ds_engine, ref, data, paths, args.new_phase, universal=universal)
     else:
         engine.seed_everything(stage.seed * 1000 + rank)  # dropout differs per rank, deterministically
     if start_step >= stage.steps:
         log.info("stage %s already finished at step %d", stage.name, start_step)
     loader = data.loader(next_slot=next_slot, micro_batch=plan.micro_batch, num_workers=recipe.launch.num_workers)
-    best = BestTracker.from_state(stage.eval.metric, evaluations, start_step) if stage.eval is not None else None
+    best = BestTracker.from_state(stage.eval.metric, saved.get("eval"), start_step) if stage.eval is not None else None
+    weights = StreamWeights.build(stage.loss_weighting, data.stream_names, [s.loss_weight for s in stage.mixture])
+    weights = weights.restored(saved.get("loss_weighting"))
 
     # ---- 7. loop
     from rmpl_ds.monitor import Monitor
@@ -261,9 +262,19 @@ def run(args: argparse.Namespace) -> int:
                 inject_nan=faults.nan_at(step + 1),
                 stop_requested=stop.requested,
                 dropout_seeds=[engine.dropout_seed(stage.seed, micro_batch[0]) for micro_batch in slots],
+                stream_factors=weights.factors if weights.dynamic else None,
             )
             step += 1
             health = health.after(step, skipped=metrics["skipped"])
+            if weights.dynamic:  # the weights this step applied; then its losses (none if skipped) into the window
+                metrics["loss_weights"] = weights.weights
+                losses = {} if metrics["skipped"] else metrics["loss_by_stream"]
+                if weights.observe(step, losses, metrics["stream_counts"]):
+                    log.info(
+                        "step %d: DWA loss weights %s",
+                        step,
+                        " ".join(f"{name}={value:.4f}" for name, value in weights.weights.items()),
+                    )
             metrics.update(step=step, lr=lr, bad_steps=health.bad_steps, bad_steps_in_a_row=health.in_a_row)
             metrics["elapsed_s"] = time.perf_counter() - began  # since this run's loop began (steps/s between lines)
             metrics["epochs"] = data.stream.epochs_at(step * plan.global_batch)
@@ -312,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
             diverged = health.in_a_row >= stage.max_bad_steps
             stopping = metrics.pop("stop_requested") or step == args.stop_after
             if step % stage.checkpoint_every == 0 or step == stage.steps or stopping or diverged:
-                save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best)
+                save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best, weights)
                 last_saved = step
             if diverged:
                 log.error(
@@ -336,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         monitor.close()
         stop.restore()
     if last_saved != step:
-        save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best)
+        save(ds_engine, paths, step, data, step * plan.global_batch, health, faults, best, weights)
 
     # ---- 8. export for the next stage (with eval.keep_best: the best evaluated step's weights)
     export_step, selected = step, None
@@ -549,6 +560,7 @@ def train_step(
     inject_nan: bool = False,
     stop_requested: bool = False,
     dropout_seeds: Sequence[int] | None = None,
+    stream_factors: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """One optimizer step: ``accumulation`` micro-batches through forward/backward, then the optimizer.
 
@@ -558,7 +570,8 @@ def train_step(
     this rank's losses by NaN (fault injection in tests). ``stop_requested`` is this rank's stop request, agreed
     with the others in the step's one reduction of its metrics. ``dropout_seeds`` (one per micro-batch) seed torch's
     RNG before each micro-batch, so its dropout masks are a function of the data it holds, not of the rank or the
-    world size (:func:`rmpl_ds.engine.dropout_seed`).
+    world size (:func:`rmpl_ds.engine.dropout_seed`). ``stream_factors`` (one per stream) multiply each sample's loss
+    weight by its stream's factor (the DWA weights, rmpl_ds.weighting).
 
     The step costs one small all-reduce of its own (the metrics, the non-finite count and the stop requests, in
     one vector) and one device-to-host copy, after the optimizer step: nothing waits for the host in between.
@@ -572,12 +585,14 @@ def train_step(
     #  stop requests, real tokens, padded tokens]
     sums = torch.zeros(2 * n_streams + 6, dtype=torch.float64, device=device)
     real_tokens = slots = 0
+    factors = None if stream_factors is None else torch.tensor(stream_factors, dtype=torch.float32)
     for micro_step in range(accumulation):
         if dropout_seeds is not None:
             torch.manual_seed(dropout_seeds[micro_step])
         batch = next(batches)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k not in LOOP_KEYS}
-        parts = forward_loss(ds_engine, inputs, batch["labels"], batch["loss_weight"], path=loss_path)
+        loss_weight = batch["loss_weight"] if factors is None else batch["loss_weight"] * factors[batch["stream_index"]]
+        parts = forward_loss(ds_engine, inputs, batch["labels"], loss_weight, path=loss_path)
         if inject_nan:
             parts = engine.Faults.nan_loss(parts)
         ds_engine.backward(engine.poison_non_finite(parts.loss))
@@ -642,8 +657,11 @@ ELASTIC_KEYS = ("micro_batch", "checkpoint_every", "keep_last", "max_bad_steps",
 
 def stage_fingerprint(stage: StageConfig) -> str:
     settings = {k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS}
-    if not settings["train_splits"]:  # the default (every record): fingerprints from before the option stay valid
+    # Defaults of options added later are left out, so that the fingerprints of older checkpoints stay valid.
+    if not settings["train_splits"]:  # the default: every record
         del settings["train_splits"]
+    if settings["loss_weighting"] == to_dict(LossWeightingConfig()):
+        del settings["loss_weighting"]
     return fingerprint(settings)
 
 
@@ -672,7 +690,13 @@ class Health:
 
 
 def client_state(
-    paths: StageRun, data: Any, next_slot: int, step: int, health: Health, best: BestTracker | None = None
+    paths: StageRun,
+    data: Any,
+    next_slot: int,
+    step: int,
+    health: Health,
+    best: BestTracker | None = None,
+    weights: StreamWeights | None = None,
 ) -> dict[str, Any]:
     return {
         "rmpl": {
@@ -684,6 +708,7 @@ def client_state(
             "world_size": dist.world_size(),
             "health": asdict(health),
             "eval": None if best is None else best.state(),
+            "loss_weighting": None if weights is None or not weights.dynamic else weights.state(),
         }
     }
 
@@ -697,10 +722,11 @@ def save(
     health: Health,
     faults: engine.Faults,
     best: BestTracker | None = None,
+    weights: StreamWeights | None = None,
 ) -> None:
     """Checkpoint ``step`` (every rank). With ``eval.keep_best``, the best evaluated step's checkpoint is kept out
     of the ``keep_last`` rotation."""
-    state = client_state(paths, data, next_slot, step, health, best)
+    state = client_state(paths, data, next_slot, step, health, best, weights)
     keep_best = paths.stage.eval is not None and paths.stage.eval.keep_best and best is not None
     protect = checkpoint.tag_for(best.best[0]) if keep_best and best.best is not None else None
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
@@ -725,10 +751,11 @@ def resume(
     paths: StageRun,
     new_phase: bool,
     universal: checkpoint.CheckpointRef | None = None,
-) -> tuple[int, int, Health, dict[str, Any] | None]:
+) -> tuple[int, int, Health, dict[str, Any]]:
     """Load a checkpoint that :func:`checkpoint.verify` accepted, or its verified ``universal`` form (the engine
     configured with ``checkpoint.load_universal``) when the world size changed; returns (step, next slot, health,
-    the evaluations so far (:meth:`BestTracker.state`) or None). Refuses a changed recipe stage or data mixture."""
+    the checkpoint's whole rmpl state: ``eval`` holds the evaluations so far (:meth:`BestTracker.state`),
+    ``loss_weighting`` the DWA state). Refuses a changed recipe stage or data mixture."""
     trainable_only = paths.recipe.model.mode in ("lora", "qlora")
     source = universal or ref
     loaded, client = ds_engine.load_checkpoint(
@@ -778,7 +805,7 @@ def resume(
         }
         with (paths.stage_dir / "resume.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(trace) + "\n")
-    return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"])), state.get("eval")
+    return int(state["step"]), int(next_slot), Health.from_state(state, int(state["step"])), state
 
 
 def load_module_weights(ds_engine: Any, paths: StageRun, step: int) -> None:
