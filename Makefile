@@ -12,7 +12,7 @@ STAMP := $(VENV)/.rmpl_ds-installed
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: all install demo test test-fast lint clean-demo
+.PHONY: all install demo compare test test-fast lint clean-demo
 
 all: test
 
@@ -45,6 +45,11 @@ $(DEMO_OUT)/raw/.complete: $(STAMP)
 
 demo: $(DEMO_OUT)/raw/.complete
 	$(VENV)/bin/rmpl-ds pipeline launch/recipes/demo.yaml
+
+# Four training strategies on the demo (RMPL, X-MTL, LLaVA-MS-PIT, M-MRE's joint task): each recipe's pipeline, then
+# one Table 2 and one bar chart in bench/results/compare.{md,json} and compare_f1.png (bench/compare_strategies.py).
+compare: $(DEMO_OUT)/raw/.complete
+	$(PY) bench/compare_strategies.py
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: $(STAMP)

@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, str] = {
     "pipeline": "rmpl_ds.commands.pipeline",
     "smoke": "rmpl_ds.commands.smoke",
     "eval": "rmpl_ds.commands.eval",
+    "pseudo-label": "rmpl_ds.commands.pseudo_label",
 }
 
 

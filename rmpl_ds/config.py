@@ -242,12 +242,19 @@ class TasksConfig:
 class RawSource:
     """Where `rmpl-ds pipeline` builds a missing shard set from: a converter (``ace``, ``imsitu``, ``swig``, ``mnre``,
     ``m2e2``, ``chat``, ``pairs``, ``schema``), its raw input and, for image sources, the image directory (``chat``:
-    where relative image paths resolve, else the input's folder)."""
+    where relative image paths resolve, else the input's folder).
 
-    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2", "chat", "pairs", "schema"]
+    ``converter: pseudo`` is X-MTL's pseudo-labelling (rmpl_ds.pseudo): ``input`` is a shard set of unlabeled
+    image-caption pairs (another source's directory, built first when it has a ``raw`` entry), ``label_with`` the
+    stage whose export labels them, ``threshold`` the confidence both answers must reach. The pipeline builds the
+    set after that stage and before the first stage that reads it."""
+
+    converter: Literal["ace", "imsitu", "swig", "mnre", "m2e2", "chat", "pairs", "schema", "pseudo"]
     input: str
     images: str | None = None
     shard_size: int = 1000
+    label_with: str | None = None
+    threshold: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -454,6 +461,7 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
         if name not in recipe.sources:
             add(f"raw.{name}", f"not a source of this recipe ({sorted(recipe.sources)})", depends=("sources",))
         _positive(problems, f"raw.{name}.shard_size", raw.shard_size)
+        _validate_pseudo_source(recipe, name, raw, problems)
     _positive(problems, "launch.gpus", launch.gpus)
     if launch.zero_stage is not None and launch.zero_stage not in (0, 1, 2):
         add("launch.zero_stage", f"must be 0, 1, 2 or null (the DeepSpeed config's), got {launch.zero_stage}")
@@ -494,6 +502,26 @@ def validate(recipe: Recipe, world_size: int | None = None, problems: Problems |
         earlier.setdefault(stage.name, index)
         _validate_stage(stage, key, recipe, world, world_keys, problems)
     return problems.messages()
+
+
+def _validate_pseudo_source(recipe: Recipe, name: str, raw: RawSource, problems: Problems) -> None:
+    key = f"raw.{name}"
+    if raw.converter != "pseudo":
+        if raw.label_with is not None:
+            problems.add(f"{key}.label_with", "only a pseudo-labelled source (converter: pseudo) has a labelling stage")
+        return
+    if not 0 < raw.threshold <= 1:
+        problems.add(f"{key}.threshold", f"must be in (0, 1], got {_fmt(raw.threshold)}")
+    names = [stage.name for stage in recipe.stages]
+    if raw.label_with not in names:
+        problems.add(f"{key}.label_with", f"must name the stage whose export labels the pairs, one of {names}")
+        return
+    readers = [i for i, stage in enumerate(recipe.stages) if any(s.source == name for s in stage.mixture)]
+    if readers and readers[0] <= names.index(raw.label_with):
+        problems.add(
+            f"{key}.label_with",
+            f"stage {raw.label_with!r} must run before stage {names[readers[0]]!r}, the first that reads {name!r}",
+        )
 
 
 def _validate_stage_eval(

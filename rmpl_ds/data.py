@@ -52,6 +52,7 @@ class Renderer:
     max_target_tokens: int | None = None
     boxes: BoxSyntax = PLAIN  # how image arguments are written (the recipe's tasks.box_format for this backbone)
     chat_labels: ChatLabels = "all"  # the chat task's labelled assistant turns (the recipe's tasks.chat_labels)
+    schema_guided: bool = False  # EM, AR and joint prompts list the schema (the recipe's tasks.schema_guided)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         return self.encode(self.example(item), self.stream_index[item["stream"]])
@@ -79,7 +80,9 @@ class Renderer:
         event_type = choose_event_type(record, np.random.default_rng(item["sample_seed"])) if task == "AR" else None
         if isinstance(record, records.TextSentence):
             image = None  # a sentence's task sees no image; the collator adds the dummy one the vision tower needs
-        return tasks.render(record, task, image=image, event_type=event_type, boxes=self.boxes)
+        return tasks.render(
+            record, task, image=image, event_type=event_type, boxes=self.boxes, schema_guided=self.schema_guided
+        )
 
     def encode(self, example: Any, index: int) -> dict[str, Any]:
         """``example`` encoded for training, with its stream's index and loss weight."""
@@ -184,6 +187,7 @@ class StageData:
             max_target_tokens=recipe.model.max_target_tokens,
             boxes=bundle.box_syntax(recipe.tasks.box_format),
             chat_labels=recipe.tasks.chat_labels,
+            schema_guided=recipe.tasks.schema_guided,
         )
         return cls(recipe, stage, stream, shards, renderer, StageCollator(bundle.collator()))
 

@@ -73,6 +73,7 @@ def write_export(
                 "lineage": lineage(recipe, stage_name),
                 "fingerprint": lineage_fingerprint(recipe, stage_name),
                 "box_format": recipe.tasks.box_format,
+                "schema_guided": recipe.tasks.schema_guided,
                 "files": file_hashes(staging, exclude=MANIFEST),
                 **(extra or {}),
             }

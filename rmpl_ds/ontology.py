@@ -2,7 +2,8 @@
 
 Derived from the real M2E2 annotation files (see shared/notes/FORMATS.md §1): 8 event types in ACE
 ``Type:Subtype`` spelling, 15 text roles and 16 roles over both modalities (images add ``Money`` and never use
-``Destination`` or ``Origin``). MNRE has 23 relation labels including ``None``.
+``Destination`` or ``Origin``), with a one-sentence definition of each type (:data:`DEFINITIONS`, our paraphrase of
+the ACE 2005 guidelines). MNRE has 23 relation labels including ``None``.
 
 The source mappings live here too: the 33 ACE 2005 event types and which of them are M2E2 types
 (:data:`ACE_TO_M2E2`), the imSitu verb -> M2E2 type/role table of M2E2's ``ace_sr_mapping.txt``
@@ -26,6 +27,22 @@ EVENT_TYPES: tuple[str, ...] = (
     "Movement:Transport",
     "Transaction:Transfer-Money",
 )
+
+# Event type -> what it means: one sentence each, paraphrasing the ACE 2005 event annotation guidelines. Schema
+# instructions (rmpl_ds.tasks: the ``ts`` questions and schema-guided prompts) show them to the model.
+DEFINITIONS: dict[str, str] = {
+    "Conflict:Attack": "a violent physical act by one party that causes or is meant to cause harm or damage to "
+    "another party or a place",
+    "Conflict:Demonstrate": "a large number of people gather in a public place to protest or to demand something "
+    "from an authority",
+    "Contact:Meet": "two or more parties come together face to face at one place to talk or interact",
+    "Contact:Phone-Write": "two or more parties communicate without meeting in person: by telephone, letter, e-mail "
+    "or a written message",
+    "Justice:Arrest-Jail": "a person is taken into custody or held in detention by an authority",
+    "Life:Die": "a person's life ends, by violence, accident, illness or natural causes",
+    "Movement:Transport": "an agent moves people or things from one place to another, possibly in a vehicle",
+    "Transaction:Transfer-Money": "money is given, lent, paid or donated by one party to another",
+}
 
 # Event type -> the argument roles it takes in text (M2E2 text files; TextEE's valid patterns agree).
 TEXT_ROLES: dict[str, tuple[str, ...]] = {

@@ -60,9 +60,9 @@ def run_pipeline(
     preflight.check_or_raise(recipe, scope)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    build_missing_shards(recipe)
     stages = {}
     for stage in recipe.stages:
+        build_missing_shards(recipe, [stage.name], run_dir=run_dir, gpus=gpus)
         stages[stage.name] = run_stage(recipe_path, overrides, recipe, stage.name, run_dir, gpus, force, verbose)
 
     models = {"baseline": recipe.model.path} | {name: info["export"] for name, info in stages.items()}
@@ -96,35 +96,82 @@ def run_pipeline(
     return summary
 
 
-def build_missing_shards(recipe: Recipe) -> None:
-    """Reuse existing shard sets; build the missing ones the recipe's ``raw`` section describes. Only the sources a
-    stage reads are needed (evaluation reads the raw M2E2 files)."""
+def build_missing_shards(
+    recipe: Recipe, stages: Sequence[str] | None = None, *, run_dir: Path | None = None, gpus: int = 1
+) -> None:
+    """Reuse existing shard sets; build the missing ones the recipe's ``raw`` section describes. Only the sources
+    ``stages`` (default: every stage) read are needed (evaluation reads the raw M2E2 files). A pseudo-labelled
+    source is labelled by its ``label_with`` stage's export in ``run_dir``, on ``gpus`` ranks."""
+    chosen = recipe.stages if stages is None else [recipe.stage(name) for name in stages]
+    for name in dict.fromkeys(stream.source for stage in chosen for stream in stage.mixture):
+        build_source(recipe, name, run_dir=run_dir, gpus=gpus)
+
+
+def build_source(recipe: Recipe, name: str, *, run_dir: Path | None = None, gpus: int = 1) -> None:
+    """Build source ``name``'s shard set from its ``raw`` entry unless it exists (see :func:`build_missing_shards`)."""
     from rmpl_ds.commands.shards import build
 
-    used = dict.fromkeys(stream.source for stage in recipe.stages for stream in stage.mixture)
-    for name in used:
-        shard_dir = recipe.sources[name]
-        if (Path(shard_dir) / "manifest.json").is_file():
-            log.info("shards %s: reusing %s", name, shard_dir)
-            continue
-        raw = recipe.raw.get(name)
-        if raw is None:
-            raise UserError(
-                f"sources.{name}: no shards at {shard_dir} and no raw.{name} entry to build them from; "
-                f"run `rmpl-ds shards build --source ... --out {shard_dir}`"
-            )
-        log.info("shards %s: building %s from %s", name, shard_dir, raw.input)
-        code = build(
-            raw.converter,
-            Path(raw.input),
-            out_dir=Path(shard_dir),
-            images_dir=Path(raw.images) if raw.images else None,
-            shard_size=raw.shard_size,
+    shard_dir = recipe.sources[name]
+    if (Path(shard_dir) / "manifest.json").is_file():
+        log.info("shards %s: reusing %s", name, shard_dir)
+        return
+    raw = recipe.raw.get(name)
+    if raw is None:
+        raise UserError(
+            f"sources.{name}: no shards at {shard_dir} and no raw.{name} entry to build them from; "
+            f"run `rmpl-ds shards build --source ... --out {shard_dir}`"
         )
-        if code != 0:
-            raise UserError(
-                f"sources.{name}: no record of {raw.input} could be converted (see {shard_dir}/manifest.json)"
-            )
+    if raw.converter == "pseudo":
+        pseudo_label_source(recipe, name, run_dir=run_dir or recipe.out_dir(), gpus=gpus)
+        return
+    log.info("shards %s: building %s from %s", name, shard_dir, raw.input)
+    code = build(
+        raw.converter,
+        Path(raw.input),
+        out_dir=Path(shard_dir),
+        images_dir=Path(raw.images) if raw.images else None,
+        shard_size=raw.shard_size,
+    )
+    if code != 0:
+        raise UserError(f"sources.{name}: no record of {raw.input} could be converted (see {shard_dir}/manifest.json)")
+
+
+def pseudo_label_source(recipe: Recipe, name: str, *, run_dir: Path, gpus: int) -> None:
+    """Build pseudo-labelled source ``name``: its unlabeled pairs (built first if another source's ``raw`` entry
+    makes them) labelled by the export of its ``label_with`` stage (`rmpl-ds pseudo-label`)."""
+    raw = recipe.raw[name]
+    pairs = Path(raw.input)
+    if not (pairs / "manifest.json").is_file():
+        makers = [
+            other
+            for other, path in recipe.sources.items()
+            if os.path.normpath(path) == os.path.normpath(pairs) and other in recipe.raw
+        ]
+        if not makers:
+            raise UserError(f"raw.{name}.input: no shard set of unlabeled pairs at {pairs}, and no source builds it")
+        build_source(recipe, makers[0], run_dir=run_dir, gpus=gpus)
+    export = handoff.export_path(run_dir / str(raw.label_with))
+    handoff.verify_export(export, recipe, str(raw.label_with))
+    command = [
+        sys.executable,
+        "-m",
+        "rmpl_ds",
+        "pseudo-label",
+        "--model",
+        str(export),
+        "--pairs",
+        str(pairs),
+        "--out",
+        recipe.sources[name],
+        "--threshold",
+        str(raw.threshold),
+        "--gpus",
+        str(gpus),
+    ]
+    log.info("shards %s: pseudo-labelling %s with the export of stage %s", name, pairs, raw.label_with)
+    code = subprocess.call(command, env=os.environ.copy())
+    if code != 0:
+        raise UserError(f"sources.{name}: pseudo-labelling {pairs} with {export} failed (exit code {code})")
 
 
 def run_stage(
@@ -185,7 +232,11 @@ def evaluate(recipe: Recipe, name: str, model_dir: str, run_dir: Path, gpus: int
     if evaluation.m2e2 is None or evaluation.images is None:
         raise UserError("evaluation.m2e2 and evaluation.images must name the M2E2 annotations and image directories")
     out_dir = run_dir / "eval" / name
-    stamp = {**_model_stamp(Path(model_dir)), "box_format": recipe.tasks.box_format}
+    stamp = {
+        **_model_stamp(Path(model_dir)),
+        "box_format": recipe.tasks.box_format,
+        "schema_guided": recipe.tasks.schema_guided,
+    }
     scores_path, stamp_path = out_dir / "scores.json", out_dir / "model.json"
     if scores_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         log.info("eval %s: reusing %s", name, scores_path)
@@ -203,6 +254,7 @@ def evaluate(recipe: Recipe, name: str, model_dir: str, run_dir: Path, gpus: int
         name=name,
         limit=evaluation.limit,
         box_format=recipe.tasks.box_format,
+        schema_guided=recipe.tasks.schema_guided,
     )
     stamp_path.write_text(json.dumps(stamp), encoding="utf-8")
     return scores

@@ -32,7 +32,7 @@ from rmpl_ds.log import get_logger
 log = get_logger(__name__)
 
 # The converters of `rmpl-ds shards build` (rmpl_ds.sources.SOURCES), for the hint of a missing shard set.
-CONVERTERS = ("ace", "imsitu", "swig", "mnre", "m2e2", "chat")
+CONVERTERS = ("ace", "imsitu", "swig", "mnre", "m2e2", "chat", "pairs", "schema")
 # How many evaluation images are opened and decoded (the rest are checked for presence).
 IMAGES_OPENED = 5
 GIB = 2**30
@@ -145,6 +145,14 @@ def _init_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) 
     return problems
 
 
+def _built_by_pipeline(recipe: Recipe, directory: str) -> bool:
+    """Whether ``directory`` is the shard set of a source the pipeline can build (it has a ``raw`` entry)."""
+    return any(
+        os.path.normpath(path) == os.path.normpath(directory) and name in recipe.raw
+        for name, path in recipe.sources.items()
+    )
+
+
 def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) -> list[str]:
     from rmpl_ds.chat import stream_problems
     from rmpl_ds.shards import ShardSet, read_manifest, verify_shards
@@ -163,6 +171,8 @@ def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope)
                     f"{converter} --input ... --out {directory}`{how}"
                 )
                 continue
+            if raw.converter == "pseudo" and _built_by_pipeline(recipe, raw.input):
+                continue  # the unlabeled pairs' set, built from its own raw entry first
             if not Path(raw.input).exists():
                 problems.append(f"raw.{source}.input: {raw.input} does not exist (the {raw.converter} data to build)")
             if raw.images is not None and not _non_empty_dir(Path(raw.images)):

@@ -193,8 +193,12 @@ class CaptionPair:
 
 @dataclass(frozen=True)
 class SchemaQuestion:
-    """One question about an event type of the ontology: its definition and role inventories, and which question
-    (``form``) the record asks (rmpl_ds.sources.schema lists the forms)."""
+    """One question about an event type of the ontology (the ``ts`` task of rmpl_ds.tasks): its definition and role
+    inventories, and which question (``form``, one of ``rmpl_ds.tasks.SCHEMA_FORMS``) the record asks.
+
+    The prompt shows ``definition`` as written and the target lists the asked roles in the order given here, so a
+    schema file (rmpl_ds.sources.schema) can word definitions its own way; the roles must be the ontology's roles of
+    the type in that modality (a subset, any order)."""
 
     kind: ClassVar[str] = "schema_question"
     id: str

@@ -1,30 +1,54 @@
 """Tasks: render a record for a task into an :class:`~rmpl_ds.example.Example`, and parse generated text back.
 
-Five tasks, looked up by name in :data:`TASKS`:
+Eight tasks, looked up by name in :data:`TASKS`:
 
-======  =====  ===============================  ====================================================================
-task    stage  records                          the model answers
-======  =====  ===============================  ====================================================================
-``t``   I      TextSentence (ACE, M2E2)         every event of the sentence: type, trigger and text arguments
-``i``   I      ImageRecord (SWiG/imSitu, M2E2)  every event of the image: type and argument boxes
-``r``   I      RelationPair (MNRE)              the relation label between the named head and tail entities
-``EM``  II     TextSentence or ImageRecord      the event types mentioned in the sentence / shown in the image
-``AR``  II     TextSentence or ImageRecord      for one given event type: its mentions' triggers and arguments
-                                                (text) or its argument boxes (image)
-======  =====  ===============================  ====================================================================
+=========  ======  ===============================  ================================================================
+task       stage   records                          the model answers
+=========  ======  ===============================  ================================================================
+``t``      I       TextSentence (ACE, M2E2)         every event of the sentence: type, trigger and text arguments
+``i``      I       ImageRecord (SWiG/imSitu, M2E2)  every event of the image: type and argument boxes
+``r``      I       RelationPair (MNRE)              the relation label between the named head and tail entities
+``EM``     II      TextSentence or ImageRecord      the event types mentioned in the sentence / shown in the image
+``AR``     II      TextSentence or ImageRecord      for one given event type: its mentions' triggers and arguments
+                                                    (text) or its argument boxes (image)
+``joint``  II      TextSentence or ImageRecord      EM and t (sentence) / i (image) in one answer, under fixed
+                                                    headers (M-MRE's joint coarse and fine tasks)
+``vs``     schema  ImageRecord                      the event types shown and, per type, which of its image roles
+                                                    are visible (LLaVA-MS-PIT's visual schema questions)
+``ts``     schema  SchemaQuestion                   one question about the ontology: a type's text or image roles,
+                                                    or the type a definition describes (textual schema questions)
+=========  ======  ===============================  ================================================================
 
-Prompts are schema-guided: the system turn lists the event types with their roles (:data:`TEXT_ROLES` for text,
-:data:`IMAGE_ROLES` for images), AR names the given type and its roles, ``r`` lists the 23 MNRE labels.
+Prompts carry the schema: the system turn lists the event types with their roles (:data:`TEXT_ROLES` for text,
+:data:`IMAGE_ROLES` for images), AR names the given type and its roles, ``r`` lists the 23 MNRE labels. With
+``schema_guided=True`` (LLaVA-MS-PIT's schema-guided instructions) the EM, AR and joint system turns list every event
+type with its roles for the modality and its definition (:data:`DEFINITIONS`); targets do not change. The other
+tasks ignore the option: t, i and vs already list the types with their roles, r has no event types, and ts asks
+about the schema itself, so listing it would give the answer away. A ts prompt shows the record's own definition
+(a schema file can word it differently from :data:`DEFINITIONS`).
 
 Target formats (one event per line; ``none`` alone when there is nothing to report)::
 
-    t    Conflict:Attack | fired | Attacker: soldiers ; Target: village      (type | trigger | arguments)
-         Life:Die | killed                                                   (an event with no arguments)
-    i    Justice:Arrest-Jail | Agent: [121,100,412,998] ; Person: [386,112,799,998]
-    EM   Conflict:Attack ; Life:Die
-    AR   fired | Attacker: soldiers ; Target: village                        (text: one line per mention)
-    AR   Agent: [121,100,412,998] ; Person: [386,112,799,998]                (image: one line, all boxes of the type)
-    r    /per/per/couple
+    t      Conflict:Attack | fired | Attacker: soldiers ; Target: village    (type | trigger | arguments)
+           Life:Die | killed                                                 (an event with no arguments)
+    i      Justice:Arrest-Jail | Agent: [121,100,412,998] ; Person: [386,112,799,998]
+    EM     Conflict:Attack ; Life:Die
+    AR     fired | Attacker: soldiers ; Target: village                      (text: one line per mention)
+    AR     Agent: [121,100,412,998] ; Person: [386,112,799,998]              (image: one line, all boxes of the type)
+    r      /per/per/couple
+    joint  Task 1 Answer: Conflict:Attack ; Life:Die                         (the EM answer, on the header's line)
+           Task 2 Answer:
+           Conflict:Attack | fired | Attacker: soldiers ; Target: village    (the t answer; i for an image)
+           Life:Die | killed
+    vs     Justice:Arrest-Jail | Agent ; Person                              (type | roles with a box)
+           Life:Die                                                          (a type with no visible role)
+    ts     Agent ; Person ; Place                                            (forms roles, image_roles)
+    ts     Justice:Arrest-Jail                                               (form type_of_definition)
+
+A joint answer with no event is ``Task 1 Answer: none``, ``Task 2 Answer:``, ``none``. vs lists each event type of
+the image once (:data:`EVENT_TYPES` order) with the roles of :data:`IMAGE_ROLES` that some argument of that type
+fills with a box, in schema order. ts answers with the record's roles in the record's order (the forms are
+:data:`SCHEMA_FORMS`).
 
 Text AR lines start with the trigger because EM gives types only, and M2E2 scores text arguments (and triggers)
 by trigger offsets: the trigger is how two mentions of one type in a sentence are told apart.
@@ -67,7 +91,15 @@ spans whose tokens are all blank.
 :func:`parse` never raises on the text: a malformed fragment (unknown type or role, broken box, string not in the
 sentence, missing separator, stray line, empty output) is skipped or kept partially and counted in
 :attr:`Parsed.errors`. Type, role and label names are also accepted in another letter case, strings with other
-spacing; neither counts as an error. Parsed events keep the order of the text.
+spacing; neither counts as an error. Parsed events keep the order of the text. vs and ts read roles separated by
+``;`` or ``,``.
+
+A joint answer is split at its headers, found at the start of a line in any letter case and spacing: Task 1's answer
+is the text after ``Task 1 Answer:`` up to the other header, Task 2's the text after ``Task 2 Answer:`` up to the
+other header or the end, and each is read as EM, t or i reads it. A missing header is one error and its answer is
+looked for where it would be: without ``Task 1 Answer:`` it is the text before ``Task 2 Answer:``; without
+``Task 2 Answer:`` it is the lines after Task 1's line; without either, the first line and the rest. Text before
+the first header is stray (one error).
 """
 
 from __future__ import annotations
@@ -82,8 +114,8 @@ from PIL import Image
 
 from rmpl_ds.example import Example
 from rmpl_ds.grounding import PLAIN, BoxSyntax, dequantize_box, quantize_box
-from rmpl_ds.ontology import EVENT_TYPES, IMAGE_ROLES, RELATION_LABELS, TEXT_ROLES
-from rmpl_ds.records import Box, ImageRecord, Record, RelationPair, TextSentence
+from rmpl_ds.ontology import DEFINITIONS, EVENT_TYPES, IMAGE_ROLES, RELATION_LABELS, TEXT_ROLES
+from rmpl_ds.records import Box, ImageRecord, Record, RelationPair, SchemaQuestion, TextSentence
 
 Span = tuple[int, int]
 
@@ -94,6 +126,18 @@ _ESCAPED = frozenset("\\|;#")
 _NUMBER = re.compile(r"[0-9]+")
 # Tolerated aspect-ratio mismatch between the decoded image and the record's size (resized copies round).
 _ASPECT_TOLERANCE = 0.02
+
+# The questions a SchemaQuestion asks (its ``form``): the type's roles in text, its roles in images, or which type a
+# definition describes.
+SCHEMA_FORMS: tuple[str, ...] = ("roles", "image_roles", "type_of_definition")
+# The roles a role form asks for: the record's field, and the ontology table the parser matches answers against.
+_FORM_ROLES: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "roles": ("text_roles", TEXT_ROLES),
+    "image_roles": ("image_roles", IMAGE_ROLES),
+}
+# The joint task's fixed answer headers, and how the parser finds them (line start, any case and spacing).
+JOINT_HEADERS: tuple[str, str] = ("Task 1 Answer:", "Task 2 Answer:")
+_JOINT_HEADER = re.compile(r"^[ \t]*task[ \t]*([12])[ \t]*answer[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -114,17 +158,30 @@ TASKS: dict[str, Task] = {
         Task("r", "I", "multimedia relation extraction: the relation between two entities", (RelationPair,)),
         Task("EM", "II", "event mention identification: the event types present", (TextSentence, ImageRecord)),
         Task("AR", "II", "argument role extraction given the event type", (TextSentence, ImageRecord)),
+        Task(
+            "joint",
+            "II",
+            "event mentions and their arguments in one answer, under fixed headers",
+            (TextSentence, ImageRecord),
+        ),
+        Task("vs", "schema", "visual schema: the event types shown and their visible roles", (ImageRecord,)),
+        Task("ts", "schema", "textual schema: a question about an event type's definition or roles", (SchemaQuestion,)),
     )
 }
 
 
-_MODALITIES: dict[type, str] = {TextSentence: "text", ImageRecord: "image", RelationPair: "relation"}
+_MODALITIES: dict[type, str] = {
+    TextSentence: "text",
+    ImageRecord: "image",
+    RelationPair: "relation",
+    SchemaQuestion: "schema",
+}
 
 
 @dataclass(frozen=True)
 class ParsedArgument:
     """An argument: text ones have ``text`` (as written) and ``span`` (tokens, end-exclusive; None if not found);
-    visual ones have ``box`` in pixels of the record's image."""
+    visual ones have ``box`` in pixels of the record's image; a ``vs`` role (visible, not located) has neither."""
 
     role: str
     text: str | None = None
@@ -146,14 +203,18 @@ class ParsedEvent:
 class Parsed:
     """What a task's output says, as structures.
 
-    ``events`` for ``t``, ``i`` and ``AR``; ``event_types`` for ``EM``; ``relation`` for ``r`` (the label string,
-    ``"None"`` included; Python ``None`` when no label could be read). ``errors`` counts malformed fragments.
+    ``events`` for ``t``, ``i`` and ``AR``; ``event_types`` for ``EM``; both for ``joint`` (Task 1's types, Task 2's
+    events); ``relation`` for ``r`` (the label string, ``"None"`` included; Python ``None`` when no label could be
+    read). ``vs``: ``events``, one per answered type, whose arguments are the visible roles (``ParsedArgument(role)``,
+    no text, span or box). ``ts``: ``roles`` for the forms ``roles`` and ``image_roles`` (in the answer's order),
+    ``event_types`` (the one type read) for ``type_of_definition``. ``errors`` counts malformed fragments.
     """
 
     task: str
     events: tuple[ParsedEvent, ...] = ()
     event_types: tuple[str, ...] = ()
     relation: str | None = None
+    roles: tuple[str, ...] = ()
     errors: int = 0
 
 
@@ -168,17 +229,20 @@ def render(
     image: Image.Image | None = None,
     event_type: str | None = None,
     boxes: BoxSyntax = PLAIN,
+    schema_guided: bool = False,
 ) -> Example:
-    """Render ``record`` for ``task`` as one Example (schema-guided prompt, linearized gold target).
+    """Render ``record`` for ``task`` as one Example (prompt carrying the schema, linearized gold target).
 
     ``image`` is the decoded image stored beside the record: required for image records and relation pairs, refused
-    for sentences. ``event_type`` is required for ``AR`` (the type whose arguments are asked for; a type the record
-    does not have gives the target ``none``) and refused otherwise. ``boxes`` is how image arguments are written
-    (rmpl_ds.grounding: the plain syntax, or the backbone's own).
+    for sentences and schema questions. ``event_type`` is required for ``AR`` (the type whose arguments are asked
+    for; a type the record does not have gives the target ``none``) and refused otherwise. ``boxes`` is how image
+    arguments are written (rmpl_ds.grounding: the plain syntax, or the backbone's own). ``schema_guided``: the EM, AR
+    and joint system turns list every event type with its roles and definition; it changes no target, and the other
+    tasks ignore it (see the module docstring).
 
     Raises ValueError for an unknown task, a record the task does not apply to, a missing/extra image or event
-    type, an image whose aspect ratio differs from the record's size, or a record with an out-of-range span or an
-    unknown relation label.
+    type, an image whose aspect ratio differs from the record's size, a record with an out-of-range span or an
+    unknown relation label, or a schema question outside the ontology.
     """
     spec = _task(task)
     _check_applies(spec, record)
@@ -186,7 +250,7 @@ def render(
     _check_image(spec, record, image)
     structure = to_structure(record, task, event_type=event_type, boxes=boxes)
     meta = _meta(record, task, event_type)
-    system, prompt = _prompt(task, record, event_type, boxes)
+    system, prompt = _prompt(task, record, event_type, boxes, schema_guided)
     images = () if image is None else (image if image.mode == "RGB" else image.convert("RGB"),)
     return Example(
         task=task,
@@ -201,15 +265,23 @@ def render(
 
 
 def render_all(
-    record: Record, task: str, *, image: Image.Image | None = None, boxes: BoxSyntax = PLAIN
+    record: Record,
+    task: str,
+    *,
+    image: Image.Image | None = None,
+    boxes: BoxSyntax = PLAIN,
+    schema_guided: bool = False,
 ) -> list[Example]:
     """Every Example of ``record`` for ``task``: one per gold event type (in EVENT_TYPES order) for ``AR``, none for a
     record without events; exactly one for the other tasks. Raises as :func:`render` does."""
     if _task(task).name != "AR":
-        return [render(record, task, image=image, boxes=boxes)]
+        return [render(record, task, image=image, boxes=boxes, schema_guided=schema_guided)]
     _check_applies(TASKS["AR"], record)
     types_present = to_structure(record, "EM").event_types
-    return [render(record, task, image=image, event_type=event_type, boxes=boxes) for event_type in types_present]
+    return [
+        render(record, task, image=image, event_type=event_type, boxes=boxes, schema_guided=schema_guided)
+        for event_type in types_present
+    ]
 
 
 def to_structure(record: Record, task: str, event_type: str | None = None, boxes: BoxSyntax = PLAIN) -> Parsed:
@@ -227,9 +299,14 @@ def to_structure(record: Record, task: str, event_type: str | None = None, boxes
                 f"{record.id}: relation {record.relation!r} is not one of the {len(RELATION_LABELS)} MNRE labels"
             )
         return Parsed(task=task, relation=record.relation)
+    if isinstance(record, SchemaQuestion):
+        return _schema_answer(record)
+    if task == "vs":
+        return Parsed(task=task, events=_visible_roles(record))  # type: ignore[arg-type]
     events = _gold_text_events(record) if isinstance(record, TextSentence) else _gold_image_events(record, boxes)  # type: ignore[arg-type]
-    if task == "EM":
-        return Parsed(task=task, event_types=_types_in_order(event.event_type for event in events))
+    if task in ("EM", "joint"):
+        event_types = _types_in_order(event.event_type for event in events)
+        return Parsed(task=task, events=events if task == "joint" else (), event_types=event_types)
     if task == "AR":
         chosen = tuple(event for event in events if event.event_type == event_type)
         if isinstance(record, ImageRecord):
@@ -242,34 +319,49 @@ def to_structure(record: Record, task: str, event_type: str | None = None, boxes
 def parse(task: str, text: str, *, example_meta: dict[str, Any], boxes: BoxSyntax = PLAIN) -> Parsed:
     """Read the structure back from generated ``text`` for ``task``; never raises on any text.
 
-    ``example_meta`` is the rendered Example's ``meta`` (it carries the sentence tokens, the image size and the AR
-    event type); ``boxes`` is the syntax the answer writes image arguments in. Malformed fragments are skipped or
-    kept partially and counted in ``errors``. Raises ValueError only for an unknown task or a meta dict that
-    :func:`render` did not produce.
+    ``example_meta`` is the rendered Example's ``meta`` (it carries the sentence tokens, the image size, the AR
+    event type, the ts question's type and form); ``boxes`` is the syntax the answer writes image arguments in.
+    Malformed fragments are skipped or kept partially and counted in ``errors``. Raises ValueError only for an
+    unknown task or a meta dict that :func:`render` did not produce.
     """
     spec = _task(task)
     modality = _meta_get(example_meta, "modality", str)
     allowed = {_MODALITIES[record_type] for record_type in spec.record_types}
     if modality not in allowed:
         raise ValueError(f"task {task!r} parses {sorted(allowed)} examples; example_meta is for a {modality!r} one")
+    if spec.name == "joint":
+        return _parse_joint(text, example_meta, modality, boxes)
+    return _parse_answer(spec.name, text, example_meta, modality, boxes)
+
+
+def _parse_answer(task: str, text: str, meta: dict[str, Any], modality: str, boxes: BoxSyntax) -> Parsed:
+    """The answer of one task that is not ``joint`` (each of joint's two answers is read by this too)."""
     stripped = text.strip()
-    if spec.name == "r":
+    if task == "r":
         return _parse_relation(stripped)
+    if task == "ts":
+        form = _meta_get(meta, "form", str)
+        if form not in SCHEMA_FORMS:
+            raise ValueError(f"example_meta['form'] must be one of {list(SCHEMA_FORMS)} as render() writes it")
     if not stripped:
         return Parsed(task=task, errors=1)
     if stripped.lower() == NONE:
         return Parsed(task=task)
     lines = [line for line in (raw.strip() for raw in stripped.splitlines()) if line]
-    if spec.name == "EM":
+    if task == "EM":
         return _parse_types(lines)
+    if task == "vs":
+        return _parse_visible_roles(lines)
+    if task == "ts":
+        return _parse_schema_answer(lines, meta)
     if modality == "text":
-        sentence = _Sentence(_meta_get(example_meta, "tokens", list))
-        fixed_type = _meta_get(example_meta, "event_type", str) if spec.name == "AR" else None
+        sentence = _Sentence(_meta_get(meta, "tokens", list))
+        fixed_type = _meta_get(meta, "event_type", str) if task == "AR" else None
         events, errors = _parse_text_events(lines, sentence, fixed_type)
         return Parsed(task=task, events=events, errors=errors)
-    size = (_meta_get(example_meta, "width", int), _meta_get(example_meta, "height", int))
-    if spec.name == "AR":
-        return _parse_image_arguments(lines, _meta_get(example_meta, "event_type", str), size, boxes)
+    size = (_meta_get(meta, "width", int), _meta_get(meta, "height", int))
+    if task == "AR":
+        return _parse_image_arguments(lines, _meta_get(meta, "event_type", str), size, boxes)
     events, errors = _parse_image_events(lines, size, boxes)
     return Parsed(task=task, events=events, errors=errors)
 
@@ -306,9 +398,9 @@ def _check_event_type(spec: Task, event_type: str | None) -> None:
 
 def _check_image(spec: Task, record: Record, image: Image.Image | None) -> None:
     name = getattr(record, "id", "")
-    if isinstance(record, TextSentence):
+    if isinstance(record, TextSentence | SchemaQuestion):
         if image is not None:
-            raise ValueError(f"task {spec.name!r} on sentence {name!r}: text records take no image")
+            raise ValueError(f"task {spec.name!r} on {type(record).__name__} {name!r}: text records take no image")
         return
     if image is None:
         raise ValueError(f"task {spec.name!r} on {type(record).__name__} {name!r} needs the record's decoded image")
@@ -337,6 +429,8 @@ def _meta(record: Record, task: str, event_type: str | None) -> dict[str, Any]:
         meta["tokens"] = list(record.tokens)
     elif isinstance(record, ImageRecord):
         meta.update(width=record.width, height=record.height)
+    elif isinstance(record, SchemaQuestion):
+        meta.update(event_type=record.event_type, form=record.form)
     if event_type is not None:
         meta["event_type"] = event_type
     return meta
@@ -353,12 +447,42 @@ def _meta_get(meta: dict[str, Any], key: str, kind: type) -> Any:
 # Prompts
 
 
-def _schema(roles: dict[str, tuple[str, ...]]) -> str:
-    return "\n".join(f"{event_type} ({', '.join(roles[event_type])})" for event_type in EVENT_TYPES)
+def _schema(roles: dict[str, tuple[str, ...]], *, definitions: bool = False) -> str:
+    """The event types with their roles, one per line: ``Life:Die (Instrument, Victim)``; with ``definitions``, each
+    followed by ``: `` and its definition (schema-guided prompts)."""
+    return "\n".join(
+        f"{event_type} ({', '.join(roles[event_type])})" + (f": {DEFINITIONS[event_type]}" if definitions else "")
+        for event_type in EVENT_TYPES
+    )
 
 
-def _prompt(task: str, record: Record, event_type: str | None, boxes: BoxSyntax = PLAIN) -> tuple[str, str]:
+def _guided_schema(roles: dict[str, tuple[str, ...]]) -> str:
+    return "Event types (argument roles): definition\n" + _schema(roles, definitions=True)
+
+
+_SCHEMA_SYSTEM = "Answer a question about the event schema: the event types, what they mean and their argument roles."
+
+
+def _schema_prompt(record: SchemaQuestion) -> str:
+    """The user turn of a ts question, from the record's own definition."""
+    if record.form == "type_of_definition":
+        return (
+            f"Definition: {record.definition}\n"
+            f"Which event type does this define? Answer one of: {', '.join(EVENT_TYPES)}."
+        )
+    where = "text" if record.form == "roles" else "images"
+    return (
+        f"{record.event_type}: {record.definition}\n"
+        f"Which argument roles does {record.event_type} take in {where}? Answer them separated by ;, or none."
+    )
+
+
+def _prompt(
+    task: str, record: Record, event_type: str | None, boxes: BoxSyntax = PLAIN, schema_guided: bool = False
+) -> tuple[str, str]:
     """(system, user text) for a task; the image, if any, is shown before the user text."""
+    if isinstance(record, SchemaQuestion):
+        return _SCHEMA_SYSTEM, _schema_prompt(record)
     if isinstance(record, RelationPair):
         system = "Classify the relation between two entities of a post and its image. Relations: " + ", ".join(
             RELATION_LABELS
@@ -371,19 +495,45 @@ def _prompt(task: str, record: Record, event_type: str | None, boxes: BoxSyntax 
     is_text = isinstance(record, TextSentence)
     where = f"Sentence: {_Sentence(record.tokens).text}\n" if is_text else ""  # type: ignore[union-attr]
     source = "sentence" if is_text else "image"
+    modality_roles = TEXT_ROLES if is_text else IMAGE_ROLES
+    verb = "mentioned in" if is_text else "shown in"
     if task == "EM":
-        verb = "mentioned in" if is_text else "shown in"
-        system = f"Identify the events {verb} the {source}. Event types: {', '.join(EVENT_TYPES)}"
+        system = f"Identify the events {verb} the {source}."
+        if schema_guided:
+            system += "\n" + _guided_schema(modality_roles)
+        else:
+            system += f" Event types: {', '.join(EVENT_TYPES)}"
         return system, f"{where}List the event types present, separated by ; or write none."
     if task == "AR":
-        roles = (TEXT_ROLES if is_text else IMAGE_ROLES)[event_type]  # type: ignore[index]
+        roles = modality_roles[event_type]  # type: ignore[index]
         asked = f"{where}Event type: {event_type}\nRoles: {', '.join(roles)}\n"
+        guide = "\n" + _guided_schema(modality_roles) if schema_guided else ""
         if is_text:
-            system = "Extract the arguments of an event from the sentence."
+            system = "Extract the arguments of an event from the sentence." + guide
             line = "trigger | role: argument ; role: argument"
             return system, f"{asked}One line per {event_type} event: {line}. Write none if there is no such event."
-        system = "Locate the arguments of an event in the image."
+        system = "Locate the arguments of an event in the image." + guide
         return system, f"{asked}Answer {boxes.example()} ({boxes.note}), or none."
+    if task == "joint":
+        header_1, header_2 = JOINT_HEADERS
+        if schema_guided:
+            types = _guided_schema(modality_roles)
+        else:
+            types = "Event types (argument roles):\n" + _schema(modality_roles)
+        system = f"Answer two tasks about the {source}, each after its header, with no other words.\n{types}"
+        line = "type | trigger | role: argument ; role: argument" if is_text else f"type | {boxes.example()}"
+        note = "" if is_text else f" ({boxes.note})"
+        return system, (
+            f"{where}Task 1: list the event types {verb} the {source}, separated by ;, or write none.\n"
+            f"Task 2: one event per line: {line}{note}; write none if there is no event.\n"
+            f"Answer in this form:\n{header_1} <task 1 answer>\n{header_2}\n<task 2 answer>"
+        )
+    if task == "vs":
+        system = "Identify the events shown in the image and which of their roles are visible. Event types (argument "
+        return system + "roles):\n" + _schema(IMAGE_ROLES), (
+            "One line per event type shown: type | role ; role, listing the roles whose participant is visible. "
+            "Write none if there is no event."
+        )
     if is_text:
         system = "Extract the events of the sentence. Event types (argument roles):\n" + _schema(TEXT_ROLES)
         line = "type | trigger | role: argument ; role: argument"
@@ -469,6 +619,57 @@ def _gold_image_events(record: ImageRecord, boxes: BoxSyntax = PLAIN) -> tuple[P
 def _sorted_unique_boxes(event_type: str, arguments: Sequence[ParsedArgument]) -> tuple[ParsedArgument, ...]:
     roles = IMAGE_ROLES[event_type]
     return tuple(sorted(set(arguments), key=lambda arg: (_role_rank(roles, arg.role), arg.box)))
+
+
+def _visible_roles(record: ImageRecord) -> tuple[ParsedEvent, ...]:
+    """The vs gold: each event type of the image once, in EVENT_TYPES order, with the roles of its image schema that
+    some argument of that type fills with a box (boxes are not written, so the image size does not matter)."""
+    visible: dict[str, set[str]] = {}
+    for event in record.events:
+        if event.event_type not in IMAGE_ROLES:
+            continue
+        roles = visible.setdefault(event.event_type, set())
+        roles.update(
+            argument.role
+            for argument in event.arguments
+            if argument.box is not None and argument.role in IMAGE_ROLES[event.event_type]
+        )
+    return tuple(
+        ParsedEvent(
+            event_type,
+            arguments=tuple(ParsedArgument(role) for role in IMAGE_ROLES[event_type] if role in visible[event_type]),
+        )
+        for event_type in EVENT_TYPES
+        if event_type in visible
+    )
+
+
+def _schema_answer(record: SchemaQuestion) -> Parsed:
+    """The ts gold: the roles the question asks for (the record's, in its order), or the defined type."""
+    _check_schema_question(record)
+    if record.form == "type_of_definition":
+        return Parsed(task="ts", event_types=(record.event_type,))
+    field_name, _ = _FORM_ROLES[record.form]
+    return Parsed(task="ts", roles=getattr(record, field_name))
+
+
+def _check_schema_question(record: SchemaQuestion) -> None:
+    """A schema question is rendered from its own fields, which must stay within the ontology (rmpl_ds.sources.schema
+    skips entries that do not) so that the parser, which matches roles against the ontology, reads them back."""
+    where = f"schema question {record.id!r}"
+    if record.form not in SCHEMA_FORMS:
+        raise ValueError(f"{where}: form {record.form!r} is not one of {list(SCHEMA_FORMS)}")
+    if record.event_type not in EVENT_TYPES:
+        raise ValueError(f"{where}: {record.event_type!r} is not one of the {len(EVENT_TYPES)} event types")
+    if not record.definition.strip():
+        raise ValueError(f"{where}: the definition is empty")
+    for field_name, ontology in _FORM_ROLES.values():
+        outside = [role for role in getattr(record, field_name) if role not in ontology[record.event_type]]
+        if outside:
+            raise ValueError(
+                f"{where}: {field_name} {outside} are not roles of {record.event_type} "
+                f"(expected some of {list(ontology[record.event_type])})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -633,10 +834,22 @@ def _linearize(structure: Parsed, meta: dict[str, Any], boxes: BoxSyntax = PLAIN
     task = structure.task
     if task == "r":
         return structure.relation or ""
+    if task == "ts":
+        return structure.event_types[0] if meta["form"] == "type_of_definition" else " ; ".join(structure.roles) or NONE
+    if task == "joint":
+        mentions = _linearize(Parsed(task="EM", event_types=structure.event_types), meta, boxes)
+        events_task = "t" if meta["modality"] == "text" else "i"
+        events = _linearize(Parsed(task=events_task, events=structure.events), meta, boxes)
+        return f"{JOINT_HEADERS[0]} {mentions}\n{JOINT_HEADERS[1]}\n{events}"
     if task == "EM":
         return " ; ".join(structure.event_types) or NONE
     if not structure.events:
         return NONE
+    if task == "vs":
+        return "\n".join(
+            " | ".join(field for field in (event.event_type, " ; ".join(arg.role for arg in event.arguments)) if field)
+            for event in structure.events
+        )
     if meta["modality"] == "image":
         size = (meta["width"], meta["height"])
         if task == "AR":
@@ -702,6 +915,97 @@ def _parse_relation(text: str) -> Parsed:
     relation = _match(lines[0], RELATION_LABELS)
     errors = (relation is None) + (len(lines) > 1)
     return Parsed(task="r", relation=relation, errors=errors)
+
+
+def _parse_joint(text: str, meta: dict[str, Any], modality: str, boxes: BoxSyntax) -> Parsed:
+    """A joint answer: split at its headers (module docstring), Task 1 read as EM, Task 2 as t or i."""
+    if not text.strip():
+        return Parsed(task="joint", errors=1)
+    found: dict[int, re.Match[str]] = {}
+    for match in _JOINT_HEADER.finditer(text):
+        found.setdefault(int(match.group(1)), match)
+    first, second = found.get(1), found.get(2)
+    stray = ""
+    if first is not None and second is not None:
+        earlier, later = sorted((first, second), key=lambda match: match.start())
+        stray = text[: earlier.start()]
+        answers = {
+            int(earlier.group(1)): text[earlier.end() : later.start()],
+            int(later.group(1)): text[later.end() :],
+        }
+    elif first is not None:
+        stray = text[: first.start()]
+        line_end = text.find("\n", first.end())
+        line_end = len(text) if line_end < 0 else line_end
+        answers = {1: text[first.end() : line_end], 2: text[line_end:]}
+    elif second is not None:
+        answers = {1: text[: second.start()], 2: text[second.end() :]}
+    else:
+        first_line, _, rest = text.strip().partition("\n")
+        answers = {1: first_line, 2: rest}
+    errors = (first is None) + (second is None) + bool(stray.strip())
+    sections = []
+    for task, header, answer in (("EM", first, answers[1]), ("t" if modality == "text" else "i", second, answers[2])):
+        if header is None and not answer.strip():
+            sections.append(Parsed(task=task))  # nothing where the answer would be: the missing header counted it
+        else:
+            sections.append(_parse_answer(task, answer, meta, modality, boxes))
+    mentions, events = sections
+    return Parsed(
+        task="joint",
+        events=events.events,
+        event_types=mentions.event_types,
+        errors=errors + mentions.errors + events.errors,
+    )
+
+
+def _items(lines: Sequence[str]) -> list[str]:
+    """The non-empty ``;``- or ``,``-separated items of ``lines`` (names never contain either)."""
+    return [item for line in lines for item in (piece.strip() for piece in line.replace(",", ";").split(";")) if item]
+
+
+def _parse_visible_roles(lines: list[str]) -> Parsed:
+    """vs lines: ``type | role ; role`` (a type alone has no visible role)."""
+    events = []
+    errors = 0
+    for line in lines:
+        fields = [field.strip() for field in line.split("|")]
+        event_type = _match(fields[0], EVENT_TYPES)
+        if event_type is None:
+            errors += 1
+            continue
+        errors += max(len(fields) - 2, 0)  # roles split by "|" instead of ";"
+        roles = []
+        for item in _items(fields[1:]):
+            role = _match(item, IMAGE_ROLES[event_type])
+            if role is None:
+                errors += 1
+            else:
+                roles.append(ParsedArgument(role))
+        events.append(ParsedEvent(event_type, arguments=tuple(roles)))
+    return Parsed(task="vs", events=tuple(events), errors=errors)
+
+
+def _parse_schema_answer(lines: list[str], meta: dict[str, Any]) -> Parsed:
+    """ts: the defined type (one line), or the asked roles matched against the ontology's roles of the type."""
+    form = meta["form"]
+    if form == "type_of_definition":
+        event_type = _match(lines[0], EVENT_TYPES)
+        errors = (event_type is None) + (len(lines) > 1)
+        return Parsed(task="ts", event_types=() if event_type is None else (event_type,), errors=errors)
+    _, ontology = _FORM_ROLES[form]
+    event_type = _meta_get(meta, "event_type", str)
+    if event_type not in ontology:
+        raise ValueError(f"example_meta['event_type'] must be one of {list(EVENT_TYPES)} as render() writes it")
+    roles = []
+    errors = 0
+    for item in _items(lines):
+        role = _match(item, ontology[event_type])
+        if role is None:
+            errors += 1
+        else:
+            roles.append(role)
+    return Parsed(task="ts", roles=tuple(roles), errors=errors)
 
 
 def _parse_types(lines: list[str]) -> Parsed:

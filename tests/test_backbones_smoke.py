@@ -14,9 +14,9 @@ from rmpl_ds.tasks import TASKS
 
 def test_smoke_examples_cover_every_task_with_images() -> None:
     examples = smoke_examples()
-    assert [example.task for example in examples] == ["t", "i", "r", "EM", "AR"]
+    assert [example.task for example in examples] == ["t", "i", "r", "EM", "AR", "joint", "vs", "ts"]
     assert {example.task for example in examples} == set(TASKS)
-    assert [len(example.images) for example in examples] == [0, 1, 1, 1, 1]
+    assert [len(example.images) for example in examples] == [0, 1, 1, 1, 1, 1, 1, 0]
 
 
 @pytest.mark.parametrize(
@@ -35,9 +35,11 @@ def test_smoke_json(backbone: str, mode: str, capsys: pytest.CaptureFixture[str]
         "label_fraction",
     }
     assert 5.0 < result["loss"] < 12.0
-    # the lean path (target-only LM head) is exact on this install: bf16 weights, so 1e-3 relative at most
+    # the lean path (target-only LM head) equals the full one up to bf16 rounding: the weights are bf16 (one ulp is
+    # 2^-8 = 0.4 % relative; Qwen3-VL's full fine-tuning of the 8-example batch differs by 0.45 %, 1.2 ulp, in the
+    # embedding gradient); tests/test_loss.py holds the two paths equal in fp32
     assert result["loss_full_logits"] == pytest.approx(result["loss"], rel=1e-5)
-    assert 0.0 <= result["max_grad_rel_diff"] < 1e-3
+    assert 0.0 <= result["max_grad_rel_diff"] < 1e-2
     assert 0 < result["trainable_params"] < result["total_params"]
     assert 0.0 < result["label_fraction"] < 0.5
 

@@ -20,8 +20,11 @@ from rmpl_ds.plan import PlanSettings, check_fits, plan_memory, plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = ROOT / "launch" / "recipes"
-# Every recipe but the demos (a tiny model on CPU ranks) is a paper run on 2 x 24 GB.
-PAPER_RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("demo"))
+# Every recipe but the demos (a tiny model on CPU ranks) is a run on 2 x 24 GB: RMPL's (the paper's protocol) and
+# the other methods' training strategies on the same backbone (their own stages).
+STRATEGY_RECIPES = ("xmtl_qwen2vl_7b.yaml", "pit_qwen2vl_7b.yaml", "joint_qwen2vl_7b.yaml")
+FULL_SIZE_RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if not p.name.startswith("demo"))
+PAPER_RECIPES = [p for p in FULL_SIZE_RECIPES if p.name not in STRATEGY_RECIPES]
 MAIN = "rmpl_qwen2vl_7b.yaml"
 
 # file -> (family, checkpoint directory, image tokens of a 512x512 image, max_seq_len)
@@ -67,8 +70,8 @@ def streams(stage: Any) -> dict[str, float]:
 
 
 def test_the_paper_recipes_are_shipped() -> None:
-    names = {p.name for p in PAPER_RECIPES}
-    expected = {*BACKBONE_RECIPES, *QLORA_RECIPES, *ABLATIONS, *MIXING_STUDY}
+    names = {p.name for p in FULL_SIZE_RECIPES}
+    expected = {*BACKBONE_RECIPES, *QLORA_RECIPES, *ABLATIONS, *MIXING_STUDY, *STRATEGY_RECIPES}
     assert expected <= names, sorted(expected - names)
     # Distinct names give distinct run directories (runs/{name}): no two recipes overwrite each other's runs.
     loaded = [recipe(name) for name in sorted(names)]
@@ -182,7 +185,7 @@ def test_mixing_study(name: str) -> None:
     assert stage2 == main.stage("stage2")
 
 
-@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FULL_SIZE_RECIPES, ids=lambda p: p.name)
 def test_the_planner_predicts_every_stage_fits_two_24gb_gpus_with_margin(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,3 +212,81 @@ def test_the_largest_paper_batch_that_fits(name: str, monkeypatch: pytest.Monkey
     assert {stage.micro_batch for stage in r.stages} == {chosen[1]}
     if name == MAIN:
         assert chosen == (2048, 2)  # the paper's own batch: 2 x 4 accumulation x 2 GPUs = 16
+
+
+# ------------------------------------------------------------------------------- the other methods' strategies
+
+
+def stream_set(stage: Any) -> set[tuple[str, str, float, float]]:
+    return {(s.source, s.task, s.weight, s.loss_weight) for s in stage.mixture}
+
+
+RMPL_STAGE2 = {("ace", "EM", 1.0, 1.0), ("swig", "EM", 1.0, 1.0), ("ace", "AR", 1.0, 1.0), ("swig", "AR", 1.0, 1.0)}
+
+
+@pytest.mark.parametrize("name", STRATEGY_RECIPES)
+def test_strategy_recipes_keep_rmpls_model_data_launch_and_evaluation(name: str) -> None:
+    """A strategy changes stages, sources and prompts only: the same backbone, LoRA, batch, launch and scorer."""
+    r, main = recipe(name), recipe(MAIN)
+    changed = {key.split(".")[0] for key in differences(r, main)}
+    assert changed <= {"name", "stages", "sources", "raw", "tasks"}, changed
+    assert f"rmpl-ds pipeline launch/recipes/{name} --gpus 2" in (RECIPE_DIR / name).read_text(encoding="utf-8")
+    assert {**main.sources} == {k: v for k, v in r.sources.items() if k in main.sources}
+    for stage in r.stages:
+        assert (stage.global_batch, stage.micro_batch) == (GLOBAL_BATCH, main.stages[0].micro_batch)
+
+
+def test_xmtl_recipe() -> None:
+    r = recipe("xmtl_qwen2vl_7b.yaml")
+    mtl, pseudo = r.stages
+    assert (mtl.name, mtl.init_from, pseudo.name, pseudo.init_from) == ("mtl", None, "pseudo", "mtl")
+    assert stream_set(mtl) == RMPL_STAGE2  # X-MTL's four tasks, no warm-up stage
+    assert stream_set(pseudo) == RMPL_STAGE2 | {("pseudo", "EM", 1.0, 0.5), ("pseudo", "AR", 1.0, 0.5)}  # beta 0.5
+    for stage in (mtl, pseudo):
+        assert (stage.loss_weighting.kind, stage.loss_weighting.temperature) == ("dwa", 0.5)  # X-MTL's alpha
+    raw = r.raw["pseudo"]
+    assert (raw.converter, raw.label_with, raw.threshold, raw.input) == ("pseudo", "mtl", 0.8, r.sources["pairs"])
+    assert r.raw["pairs"].converter == "pairs"
+    assert set(pseudo.eval.streams) == {"ace:EM", "swig:EM", "ace:AR", "swig:AR"}  # pseudo pairs have no dev split
+
+
+def test_pit_recipe() -> None:
+    r, main = recipe("pit_qwen2vl_7b.yaml"), recipe(MAIN)
+    schema, stage1, stage2 = r.stages
+    assert (schema.name, schema.init_from, stage1.init_from, stage2.init_from) == ("schema", None, "schema", "stage1")
+    assert {(s.source, s.task) for s in schema.mixture} == {("schema", "ts"), ("swig", "vs")}
+    assert r.tasks.schema_guided and r.raw["schema"].converter == "schema"
+    assert Path(r.raw["schema"].input).is_file()  # the packaged ontology (launch/schema/m2e2_schema.json)
+    assert dataclasses.replace(stage1, init_from=None) == main.stage("stage1")
+    assert stage2 == main.stage("stage2")
+
+
+def test_joint_recipe() -> None:
+    r, main = recipe("joint_qwen2vl_7b.yaml"), recipe(MAIN)
+    assert r.stage("stage1") == main.stage("stage1")
+    stage2 = r.stage("stage2")
+    assert stream_set(stage2) == RMPL_STAGE2 | {("ace", "joint", 1.0, 1.0), ("swig", "joint", 1.0, 1.0)}
+    assert dataclasses.replace(stage2, mixture=main.stage("stage2").mixture, eval=None) == dataclasses.replace(
+        main.stage("stage2"), eval=None
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "full"),
+    [("demo_xmtl.yaml", "xmtl_qwen2vl_7b.yaml"), ("demo_pit.yaml", "pit_qwen2vl_7b.yaml"),
+     ("demo_joint.yaml", "joint_qwen2vl_7b.yaml")],
+)  # fmt: skip
+def test_demo_variants_are_the_strategies_on_the_demo(name: str, full: str) -> None:
+    """`make compare`'s recipes: the demo's model, data, batch and schedule, with the full recipe's stages, streams,
+    loss weighting and prompts; each writes its own run directory."""
+    demo, variant, strategy = recipe("demo.yaml"), recipe(name), recipe(full)
+    changed = {key.split(".")[0] for key in differences(variant, demo)}
+    assert changed <= {"name", "stages", "sources", "raw", "tasks", "output_dir"}, changed
+    assert variant.out_dir() != demo.out_dir()
+    assert [s.name for s in variant.stages] == [s.name for s in strategy.stages]
+    for small, large in zip(variant.stages, strategy.stages, strict=True):
+        assert (stream_set(small), small.init_from) == (stream_set(large), large.init_from)
+        assert small.loss_weighting.kind == large.loss_weighting.kind
+        assert small.micro_batch == demo.stages[0].micro_batch
+    assert variant.tasks == strategy.tasks
+    assert {(k, v.converter) for k, v in variant.raw.items()} >= {(k, v.converter) for k, v in strategy.raw.items()}

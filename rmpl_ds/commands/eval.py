@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="box syntax the model writes: its family's own or role: [x1,y1,x2,y2] (default: what a stage export "
         "was trained with, native for a base checkpoint)",
     )
+    parser.add_argument(
+        "--schema-guided",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prompts list every event type with its definition and roles (default: what a stage export was trained "
+        "with, no for a base checkpoint)",
+    )
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="box match threshold (default 0.5)")
     parser.add_argument(
         "--oracle-types",
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             oracle_types=args.oracle_types,
             family=args.family,
             box_format=args.box_format,
+            schema_guided=args.schema_guided,
         )
     if args.json:
         print(json.dumps(scores, indent=2))

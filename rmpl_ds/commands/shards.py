@@ -1,6 +1,7 @@
 """Build, verify and inspect shard sets (uncompressed WebDataset tars with a byte-offset index and a manifest).
 
-  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2,chat} --input PATH [--images DIR | --no-images] --out DIR
+  rmpl-ds shards build --source {ace,imsitu,swig,mnre,m2e2,chat,pairs} --input PATH [--images DIR | --no-images]
+                       --out DIR
                        [--shard-size N] [--strict] [--drop-negatives]
   rmpl-ds shards verify DIR
   rmpl-ds shards inspect DIR [--model MODEL_DIR] [--max-seq-len N] [--limit N]
@@ -24,6 +25,11 @@ looks complete but holds nothing is left behind (an existing set at --out is kep
 Chat (--source chat): --input is a chat file or directory (OpenAI messages, ShareGPT / LLaMA-Factory, LLaVA; JSON,
 JSON Lines, Parquet, a save_to_disk directory); relative image paths resolve against --images, else against the
 input's folder; --no-images does not apply.
+
+Pairs (--source pairs, rmpl_ds.sources.pairs): --input is an ImageFolder captions directory (metadata.jsonl with
+file_name and text, the images beside it) whose images are found beside the metadata, or under --images when
+given; each unlabeled image-caption pair is stored with its image as member `jpg` (or `png`), like an image record;
+--no-images does not apply. `rmpl-ds pseudo-label` reads such a set.
 
 `verify` re-hashes and re-indexes every shard; a missing, damaged or empty set is bad input: exit 2, naming each
 broken shard and member. `inspect` prints the manifest's counts; for a chat set also the assistant turns and images
@@ -185,10 +191,12 @@ def _check_images_option(
 ) -> None:
     """UserError for an ``--images`` / ``--no-images`` choice that cannot give a useful set."""
     from rmpl_ds.sources.chat import SOURCE as CHAT
+    from rmpl_ds.sources.pairs import SOURCE as PAIRS
 
-    if source == CHAT:
+    if source in (CHAT, PAIRS):
         if no_images:
-            raise UserError("--no-images: does not apply to --source chat (a conversation keeps its images)")
+            kept = "a conversation keeps its images" if source == CHAT else "a pair is an image with its caption"
+            raise UserError(f"--no-images: does not apply to --source {source} ({kept})")
         if images_dir is not None and not images_dir.is_dir():
             raise UserError(f"--images {images_dir}: not a directory")
         return
@@ -305,15 +313,22 @@ def record_bytes(record: Any) -> bytes:
 def _samples(
     records: list[Any], images_dir: Path | None, image_members: Callable[[Any], list[tuple[str, bytes]]] | None = None
 ) -> Iterator[Any]:
+    from rmpl_ds.records import ChatRecord
     from rmpl_ds.shards import ShardSample
 
     # MNRE pairs of one tweet are consecutive and share the image: keep the last one encoded.
     last_image: tuple[tuple[str, str], tuple[str, bytes]] | None = None
     for ordinal, record in enumerate(records):
         members = {"json": record_bytes(record)}
-        if image_members is not None:  # a conversation's images, in order: 0.jpg, 1.png, ...
+        if image_members is not None and isinstance(record, ChatRecord):
+            # A conversation's images, in order: 0.jpg, 1.png, ...
             for index, (extension, data) in enumerate(image_members(record)):
                 members[f"{index}.{extension}"] = data
+            yield ShardSample(sample_key(ordinal, record), members)
+            continue
+        if image_members is not None:  # one image the converter located itself (a caption pair's): jpg or png
+            for extension, data in image_members(record):
+                members[extension] = data
             yield ShardSample(sample_key(ordinal, record), members)
             continue
         image_name = getattr(record, "image", None)

@@ -44,17 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def smoke_examples(seed: int = 0, boxes: BoxSyntax | None = None) -> list[Example]:
     """One rendered Example per task of :data:`rmpl_ds.tasks.TASKS`: ``t`` on a sentence, ``r`` on an MNRE-style
-    pair with its image, and ``i`` / ``EM`` / ``AR`` on a synthetic scene drawn like the demo's; image arguments in
+    pair with its image, ``i`` / ``EM`` / ``AR`` / ``joint`` / ``vs`` on a synthetic scene drawn like the demo's
+    (``joint`` with the schema-guided prompt, the longest), ``ts`` on a schema question; image arguments in
     ``boxes`` (default: the plain syntax)."""
     from rmpl_ds import tasks
     from rmpl_ds.grounding import PLAIN
 
     boxes = boxes or PLAIN
+    from rmpl_ds.ontology import DEFINITIONS, IMAGE_ROLES, TEXT_ROLES
     from rmpl_ds.records import (
         EntityMention,
         ImageEvent,
         ImageRecord,
         RelationPair,
+        SchemaQuestion,
         TextArgument,
         TextEvent,
         TextSentence,
@@ -99,12 +102,26 @@ def smoke_examples(seed: int = 0, boxes: BoxSyntax | None = None) -> list[Exampl
         image="smoke-pair.jpg",
     )
     pair_image, _ = draw_scene(rng, width, height, None, [])
+    arrest = "Justice:Arrest-Jail"
+    question = SchemaQuestion(
+        id=f"smoke:{arrest}:roles",
+        source="smoke",
+        split="train",
+        event_type=arrest,
+        form="roles",
+        definition=DEFINITIONS[arrest],
+        text_roles=TEXT_ROLES[arrest],
+        image_roles=IMAGE_ROLES[arrest],
+    )
     examples = [
         tasks.render(sentence, "t"),
         tasks.render(picture, "i", image=scene, boxes=boxes),
         tasks.render(pair, "r", image=pair_image),
         tasks.render(picture, "EM", image=scene),
-        tasks.render(picture, "AR", image=scene, event_type="Justice:Arrest-Jail", boxes=boxes),
+        tasks.render(picture, "AR", image=scene, event_type=arrest, boxes=boxes),
+        tasks.render(picture, "joint", image=scene, boxes=boxes, schema_guided=True),
+        tasks.render(picture, "vs", image=scene),
+        tasks.render(question, "ts"),
     ]
     assert {example.task for example in examples} == set(tasks.TASKS), "smoke must cover every task"
     return examples

@@ -6,11 +6,21 @@ family's end-of-turn and padding tokens), ``repetition_penalty``, ``no_repeat_ng
 apply; its sampling settings (``do_sample``, ``temperature``, ``top_k``, ``top_p``) and beam count do not.
 Answers are decoded up to the first end token with special tokens kept, since a native grounding syntax writes
 boxes with them (``<|box_start|>``, ``<ref>``; rmpl_ds.grounding).
+
+Confidence (:func:`generate_scored`, X-MTL's pseudo-label filter, rmpl_ds.pseudo). The confidence of a greedy
+answer is its **sequence probability per token**: ``exp(mean log p(y_t | x, y_<t))`` over the generated tokens up to
+and including the first end token (all of them when ``max_new_tokens`` ran out first), where ``p`` is the model's
+own softmax over its raw logits, before the decoding constraints above (a repetition penalty or banned words change
+what greedy picks, not what the model believes). The mean, not the total, because a total log-probability falls
+with the answer's length: a correct three-type EM answer would score below a wrong one-type one. The total is
+returned too (:attr:`ScoredAnswer.total_log_prob`; ``exp`` of it is the probability of the whole path).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +67,23 @@ def generation_config(bundle: ProcessorBundle, *, max_new_tokens: int) -> Genera
     )
 
 
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """A greedy answer with its confidence (module docstring).
+
+    Attributes:
+        text: the answer decoded up to the first end token (special tokens kept), as :func:`generate` returns it.
+        confidence: ``exp(total_log_prob / len(token_ids))``, in (0, 1].
+        total_log_prob: the sum of the scored tokens' log-probabilities (the end token included).
+        token_ids: the scored tokens: the answer's, then its end token if it wrote one before the length cap.
+    """
+
+    text: str
+    confidence: float
+    total_log_prob: float
+    token_ids: tuple[int, ...] = ()
+
+
 def generate(
     model: Any,
     bundle: ProcessorBundle,
@@ -70,17 +97,54 @@ def generate(
 
     Batches are left-padded; the model's train/eval mode is restored afterwards.
     """
+    scored = _generate(
+        model, bundle, examples, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, batch_size=batch_size,
+        with_scores=False,
+    )  # fmt: skip
+    return [answer.text for answer in scored]
+
+
+def generate_scored(
+    model: Any,
+    bundle: ProcessorBundle,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 256,
+    max_seq_len: int = 4096,
+    batch_size: int = 8,
+) -> list[ScoredAnswer]:
+    """:func:`generate`, with each answer's confidence (the module docstring defines it); the texts are the same."""
+    return _generate(
+        model, bundle, examples, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, batch_size=batch_size,
+        with_scores=True,
+    )  # fmt: skip
+
+
+def _generate(
+    model: Any,
+    bundle: ProcessorBundle,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    max_seq_len: int,
+    batch_size: int,
+    with_scores: bool,
+) -> list[ScoredAnswer]:
+    """Greedy generation in left-padded batches; without ``with_scores`` the confidences are NaN."""
     import torch
 
     from rmpl_ds.collate import Collator, model_inputs
 
     collator = Collator(pad_token_id=bundle.special.pad, padding_side="left")
     config = generation_config(bundle, max_new_tokens=max_new_tokens)
+    if with_scores:
+        # output_logits: the raw logits (output_scores holds them after the logits processors).
+        config.update(return_dict_in_generate=True, output_scores=True, output_logits=True)
     stop = set(config.eos_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    answers: list[ScoredAnswer] = []
     try:
         for start in range(0, len(examples), batch_size):
             encoded = [
@@ -90,9 +154,21 @@ def generate(
             inputs = {key: value.to(device) for key, value in model_inputs(collator(encoded)).items()}
             with torch.no_grad():
                 output = model.generate(**inputs, generation_config=config)
-            for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+            log_probs = None
+            sequences = output
+            if with_scores:
+                sequences = output.sequences
+                log_probs = model.compute_transition_scores(sequences, output.logits, normalize_logits=True)
+                log_probs = log_probs.float().cpu().tolist()
+            for number, row in enumerate(sequences[:, inputs["input_ids"].shape[1] :].tolist()):
                 end = next((index for index, token in enumerate(row) if token in stop), len(row))
-                answers.append(bundle.tokenizer.decode(row[:end], skip_special_tokens=False))
+                text = bundle.tokenizer.decode(row[:end], skip_special_tokens=False)
+                if log_probs is None:
+                    answers.append(ScoredAnswer(text, math.nan, math.nan))
+                    continue
+                length = min(end + 1, len(row))
+                total = math.fsum(log_probs[number][:length])
+                answers.append(ScoredAnswer(text, math.exp(total / length), total, tuple(row[:length])))
     finally:
         model.train(was_training)
     return answers

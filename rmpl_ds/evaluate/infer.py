@@ -387,10 +387,12 @@ def predict_shard(
     box_format: str = "native",
     shard: tuple[int, int] = (0, 1),
     oracle_types: bool = False,
+    schema_guided: bool = False,
 ) -> tuple[list[TextEventPrediction | ImageEventPrediction], InferenceStats]:
     """Generate EM and AR for the items of ``shard`` = (rank, world) and return their text and image lines.
     ``box_format``: the box syntax prompts ask for and answers are read in (``native`` or ``plain``; the one the
-    model was trained with).
+    model was trained with). ``schema_guided``: the prompts list every type with its definition and roles (a model
+    trained with ``tasks.schema_guided``).
 
     Lines come in item order (each item's lines together, types in EVENT_TYPES order). No multimedia lines: they
     pair items that may sit on other ranks (:func:`finish_predictions` makes them).
@@ -427,14 +429,22 @@ def predict_shard(
             types = {entry.item.index: gold_types.get(entry.item.key, ()) for entry in prepared}
         else:
             em = _generate_and_parse(
-                model, bundle, boxes, [(entry, None) for entry in prepared], "EM", batch_size, max_new_tokens, stats
+                model,
+                bundle,
+                boxes,
+                [(entry, None) for entry in prepared],
+                "EM",
+                batch_size,
+                max_new_tokens,
+                stats,
+                schema_guided,
             )
             types = {
                 entry.item.index: tuple(t for t in EVENT_TYPES if t in parsed.event_types)
                 for entry, parsed in zip(prepared, em, strict=True)
             }
         requests = [(entry, event_type) for entry in prepared for event_type in types[entry.item.index]]
-        ar = _generate_and_parse(model, bundle, boxes, requests, "AR", batch_size, max_new_tokens, stats)
+        ar = _generate_and_parse(model, bundle, boxes, requests, "AR", batch_size, max_new_tokens, stats, schema_guided)
         answers: dict[int, dict[str, Parsed]] = defaultdict(dict)
         for (entry, event_type), parsed in zip(requests, ar, strict=True):
             answers[entry.item.index][event_type] = parsed  # type: ignore[index]
@@ -459,6 +469,7 @@ def _generate_and_parse(
     batch_size: int,
     max_new_tokens: int,
     stats: InferenceStats,
+    schema_guided: bool = False,
 ) -> list[Parsed]:
     """Render every (item, AR type or None) for ``task``, generate in batches of one modality, parse each answer."""
     from rmpl_ds.evaluate.generate import generate
@@ -470,7 +481,14 @@ def _generate_and_parse(
         if not positions:
             continue
         examples: list[Example] = [
-            render(requests[n][0].record, task, image=requests[n][0].image, event_type=requests[n][1], boxes=boxes)
+            render(
+                requests[n][0].record,
+                task,
+                image=requests[n][0].image,
+                event_type=requests[n][1],
+                boxes=boxes,
+                schema_guided=schema_guided,
+            )
             for n in positions
         ]
         answers = generate(model, bundle, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -539,12 +557,14 @@ def predict_m2e2(
 @dataclass(frozen=True)
 class ModelSource:
     """What ``--model`` names: merged weights (``weights``), or a PEFT adapter (``adapter``) on ``weights``; a stage
-    export's manifest also says which box syntax it was trained to write (``box_format``, None elsewhere)."""
+    export's manifest also says which box syntax it was trained to write (``box_format``) and whether its prompts
+    were schema-guided (``schema_guided``); None elsewhere."""
 
     weights: Path
     family: str
     adapter: Path | None = None
     box_format: str | None = None
+    schema_guided: bool | None = None
 
 
 def resolve_model(model_dir: str | Path, family: str | None = None) -> ModelSource:
@@ -575,8 +595,14 @@ def resolve_model(model_dir: str | Path, family: str | None = None) -> ModelSour
             raise UserError(f"unknown backbone {family!r}; known backbones: {', '.join(sorted(FAMILIES))}")
         raise UserError(f"{weights}: a {detected} checkpoint, not {family}")
     manifest = path / _EXPORT_MANIFEST
-    box_format = _read_json(manifest).get("box_format") if manifest.is_file() else None
-    return ModelSource(weights.resolve(), detected, adapter_dir.resolve() if adapter_dir else None, box_format)
+    recorded = _read_json(manifest) if manifest.is_file() else {}
+    return ModelSource(
+        weights.resolve(),
+        detected,
+        adapter_dir.resolve() if adapter_dir else None,
+        recorded.get("box_format"),
+        recorded.get("schema_guided"),
+    )
 
 
 def _adapter_base(adapter_dir: Path) -> Path:
@@ -665,11 +691,13 @@ def evaluate_model(
     oracle_types: bool = False,
     family: str | None = None,
     box_format: str | None = None,
+    schema_guided: bool | None = None,
 ) -> dict[str, Any]:
     """Predict, score and report one model on M2E2; returns the `rmpl-ds score --json` object.
 
     ``box_format`` (``native`` or ``plain``): the box syntax the model writes; by default the one a stage export's
-    manifest records (what it was trained with), else ``native`` (a base checkpoint's own).
+    manifest records (what it was trained with), else ``native`` (a base checkpoint's own). ``schema_guided``: ask
+    with schema-guided prompts; by default as the export's manifest records, else not.
 
     Writes ``out_dir/predictions.jsonl``, ``eval_stats.json``, ``report.md`` + ``f1.png`` and, last,
     ``scores.json``: each file under a temporary name and renamed, and a previous run's ``scores.json`` is removed
@@ -688,6 +716,7 @@ def evaluate_model(
     box_format = box_format or source.box_format or "native"
     if box_format not in ("native", "plain"):
         raise UserError(f"box format must be native or plain, got {box_format!r}")
+    schema_guided = bool(source.schema_guided) if schema_guided is None else schema_guided
     gold = load_m2e2(m2e2_dir, strict=True)
     plan = plan_items(gold, images_dir, settings, limit)
     name = name or model_name(model_dir)
@@ -699,7 +728,16 @@ def evaluate_model(
         name, source.weights, plan.counts()["sentences"], plan.counts()["images"], ",".join(plan.settings), gpus,
     )  # fmt: skip
     run = _Run(
-        source, Path(m2e2_dir), Path(images_dir), plan, batch_size, max_new_tokens, box_format, limit, oracle_types
+        source,
+        Path(m2e2_dir),
+        Path(images_dir),
+        plan,
+        batch_size,
+        max_new_tokens,
+        box_format,
+        limit,
+        oracle_types,
+        schema_guided,
     )
     lines, stats = run.in_process() if gpus == 1 else run.with_workers(gpus, out)
     predictions = finish_predictions(plan, lines)
@@ -720,6 +758,7 @@ def evaluate_model(
         "limit": limit,
         "oracle_types": oracle_types,
         "box_format": box_format,
+        "schema_guided": schema_guided,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "ranks": gpus,
@@ -752,6 +791,7 @@ class _Run:
     box_format: str
     limit: int | None
     oracle_types: bool
+    schema_guided: bool = False
 
     def in_process(self) -> tuple[list[TextEventPrediction | ImageEventPrediction], InferenceStats]:
         model, bundle = load_for_inference(self.source)
@@ -763,6 +803,7 @@ class _Run:
             max_new_tokens=self.max_new_tokens,
             box_format=self.box_format,
             oracle_types=self.oracle_types,
+            schema_guided=self.schema_guided,
         )
 
     def with_workers(self, world: int, out: Path) -> tuple[list[EventPrediction], InferenceStats]:
@@ -791,6 +832,7 @@ class _Run:
                 "--device", f"cuda:{rank}" if on_cuda else "cpu", "--threads", "0" if on_cuda else str(threads),
                 *(["--limit", str(self.limit)] if self.limit is not None else []),
                 *(["--oracle-types"] if self.oracle_types else []),
+                *(["--schema-guided"] if self.schema_guided else []),
             ]  # fmt: skip
             # RANK makes the workers' logging rank-aware (rank 0 alone prints progress); no process group is made.
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
@@ -889,6 +931,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--box-format", choices=("native", "plain"), required=True)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--oracle-types", action="store_true")
+    parser.add_argument("--schema-guided", action="store_true")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--device", required=True)
@@ -916,6 +959,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             box_format=args.box_format,
             shard=(args.rank, args.world),
             oracle_types=args.oracle_types,
+            schema_guided=args.schema_guided,
         )
     except UserError as error:
         print(f"eval worker rank {args.rank}: error: {error}", file=sys.stderr)

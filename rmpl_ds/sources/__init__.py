@@ -8,7 +8,7 @@ keep_negatives=True) -> Conversion`` (the contract is :class:`~rmpl_ds.sources.b
 
 from __future__ import annotations
 
-from rmpl_ds.sources import ace, chat, imsitu, m2e2, mnre
+from rmpl_ds.sources import ace, chat, imsitu, m2e2, mnre, pairs, schema
 from rmpl_ds.sources.base import Conversion, Converter, Skip, SourceError, find_image
 from rmpl_ds.sources.m2e2 import M2E2Gold, load_m2e2
 
@@ -19,6 +19,8 @@ SOURCES: dict[str, Converter] = {
     "mnre": mnre.convert,
     "m2e2": m2e2.convert,
     "chat": chat.convert,
+    "pairs": pairs.convert,
+    "schema": schema.convert,
 }
 
 # Sources whose records refer to image files (``shards build`` needs ``--images`` for them, or ``--no-images``).

@@ -9,6 +9,8 @@
     m2e2/m2e2_annotations/<the five files>             the evaluation set, images in m2e2/image/
     chat/{llava_train.json,sharegpt_train.json,openai_train.jsonl}   conversations about demo scenes in three chat
                                                        layouts (rmpl_ds.sources.chat), images in chat/images/
+    pairs/metadata.jsonl                               unlabeled image-caption pairs in the Hugging Face ImageFolder
+                                                       captions layout (rmpl_ds.sources.pairs), images beside it
     demo_summary.json                                  what was written (the counts the converters must find)
 
 so that ``rmpl-ds shards build`` reads it exactly like the real data (the commands are in the summary).
@@ -22,6 +24,10 @@ What makes it learnable (the same cues in training and evaluation data):
   (:data:`TYPE_GLYPHS`), and a small glyph per argument whose shape and colour encode the role
   (:data:`ROLE_GLYPHS`); the argument's box is the glyph's box. Negatives show only grey distractors. SWiG
   training images and M2E2 evaluation images share the code.
+* Pairs (X-MTL's pseudo-label input; VOA's captions are not public): a caption written like the text cues and an
+  image drawn like the image cues, so a trained model can tell whether they show the same event. About half agree
+  (the caption's type is the image's), a fifth disagree (another type in the image), the rest have an event on one
+  side only or on neither (:data:`PAIR_KINDS`; the summary counts them).
 
 Everything is a pure function of ``(seed, size)``: the same call writes byte-identical files.
 """
@@ -300,6 +306,7 @@ def write_demo(out_dir: str | Path, *, seed: int = 0, size: int = DEFAULT_SIZE) 
         summary.counts["mnre"] = _write_mnre(staging / "mnre", random.Random(f"{seed}:mnre"), size)
         summary.counts["m2e2"] = _write_m2e2(staging / "m2e2", random.Random(f"{seed}:m2e2"), size)
         summary.counts["chat"] = _write_chat(staging / "chat", random.Random(f"{seed}:chat"), size)
+        summary.counts["pairs"] = _write_pairs(staging / "pairs", random.Random(f"{seed}:pairs"), size)
         summary.build_commands = build_commands(out)
         _write_json(staging / SUMMARY_NAME, summary.to_json(), indent=2)
     return summary
@@ -326,6 +333,7 @@ def build_commands(out: Path, shards_dir: str = "shards/demo") -> dict[str, str]
             f"--out {shards_dir}/m2e2"
         ),
         "chat": f"rmpl-ds shards build --source chat --input {out}/chat --out {shards_dir}/chat",
+        "pairs": f"rmpl-ds shards build --source pairs --input {out}/pairs --out {shards_dir}/pairs",
     }
 
 
@@ -991,4 +999,57 @@ def _write_chat(directory: Path, rng: random.Random, size: int) -> dict[str, Any
         "by_format": {"llava": count, "openai": count, "sharegpt": count},
         "by_assistant_turns": {str(n): turns[n] for n in sorted(turns)},
         "images": images,
+    }
+
+
+# --- image-caption pairs (rmpl_ds.sources.pairs) ---------------------------------------------------------------
+
+# What a demo pair shows, by position in a cycle of ten: the caption's event and the image's event are the same
+# type (agree), different types (disagree), present in the caption only (text_only), in the image only
+# (image_only), or absent from both (negative).
+PAIR_KINDS: tuple[str, ...] = (
+    "agree", "disagree", "agree", "text_only", "agree", "negative", "agree", "disagree", "agree", "image_only",
+)  # fmt: skip
+# Pairs as a share of ``size``.
+_PAIRS_SHARE = 3
+
+
+def _caption(rng: random.Random, sentence: _Sentence) -> str:
+    """A sentence as a news caption: punctuation attached to the word before it, sometimes VOA's "FILE -"."""
+    text = " ".join(sentence.tokens).replace(" .", ".").replace(" ,", ",")
+    text = text[0].upper() + text[1:]
+    return f"FILE - {text}" if rng.random() < 0.2 else text
+
+
+def _write_pairs(directory: Path, rng: random.Random, size: int) -> dict[str, Any]:
+    """``metadata.jsonl`` (``file_name``, ``text``, ``id``) with the images beside it (the ImageFolder layout)."""
+    count = max(len(PAIR_KINDS), size // _PAIRS_SHARE)
+    kinds: Counter[str] = Counter()
+    agree_by_type: Counter[str] = Counter()
+    lines = []
+    for number in range(count):
+        kind = PAIR_KINDS[number % len(PAIR_KINDS)]
+        text_type = EVENT_TYPES[number % len(EVENT_TYPES)] if kind in ("agree", "disagree", "text_only") else None
+        if kind == "disagree":
+            image_type: str | None = rng.choice([t for t in EVENT_TYPES if t != text_type])
+        elif kind == "image_only":
+            image_type = rng.choice(EVENT_TYPES)
+        else:
+            image_type = text_type if kind == "agree" else None
+        sentence = _event_sentence(rng, text_type) if text_type else _negative_sentence(rng)
+        width, height = _image_size(rng, 224, 320)
+        image, _ = draw_scene(rng, width, height, image_type, _image_roles(rng, image_type) if image_type else [])
+        file_name = f"pair_{number:05d}.jpg"
+        _save_jpeg(image, directory / file_name)
+        line = {"file_name": file_name, "text": _caption(rng, sentence), "id": f"voa_demo_{number:05d}"}
+        lines.append(json.dumps(line, separators=(",", ":")))
+        kinds[kind] += 1
+        if kind == "agree":
+            agree_by_type[text_type] += 1  # type: ignore[index]
+    (directory / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {
+        "pairs": count,
+        "by_kind": dict(sorted(kinds.items())),
+        "agree_by_type": dict(sorted(agree_by_type.items())),
+        "images": count,
     }
