@@ -167,6 +167,8 @@ def pseudo_label_source(recipe: Recipe, name: str, *, run_dir: Path, gpus: int) 
         str(raw.threshold),
         "--gpus",
         str(gpus),
+        "--decisions",
+        str(run_dir / f"pseudo-label-{name}.jsonl"),  # one line per pair: the answers, confidences and decision
     ]
     log.info("shards %s: pseudo-labelling %s with the export of stage %s", name, pairs, raw.label_with)
     code = subprocess.call(command, env=os.environ.copy())

@@ -163,6 +163,39 @@ def test_predict_m2e2_in_process_asks_ar_for_each_type(
     assert stats.items == {"text": 3, "image": 3}
 
 
+def test_an_export_trained_with_schema_guided_prompts_is_evaluated_with_them(
+    tiny_model_dir: Callable[[str], Path], demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's manifest says how its prompts were written (tasks.schema_guided); evaluation asks the same way
+    unless told otherwise (`rmpl-ds eval --no-schema-guided`)."""
+    from rmpl_ds import tasks
+    from rmpl_ds.evaluate.infer import evaluate_model, resolve_model
+    from rmpl_ds.ontology import DEFINITIONS
+
+    export = tmp_path / "stage2" / "export"
+    export.mkdir(parents=True)
+    for item in tiny_model_dir("qwen2-vl").iterdir():
+        (export / item.name).symlink_to(item)
+    (export / "rmpl_export.json").write_text(json.dumps({"box_format": "native", "schema_guided": True}))
+    assert resolve_model(export).schema_guided is True
+    systems: list[str] = []
+    render = tasks.render
+
+    def recording(*args, **kwargs):
+        example = render(*args, **kwargs)
+        systems.append(example.system)
+        return example
+
+    monkeypatch.setattr(tasks, "render", recording)
+    for override, guided in ((None, True), (False, False)):
+        systems.clear()
+        evaluate_model(export, demo, demo / "image", tmp_path / f"eval-{override}", limit=1, max_new_tokens=4,
+                       schema_guided=override)  # fmt: skip
+        stats = json.loads((tmp_path / f"eval-{override}" / "eval_stats.json").read_text())
+        assert stats["schema_guided"] is guided and systems
+        assert all((DEFINITIONS["Life:Die"] in system) is guided for system in systems), systems[0]
+
+
 def test_a_failing_worker_stops_the_others() -> None:
     import subprocess
     import sys

@@ -261,6 +261,15 @@ def test_pit_recipe() -> None:
     assert stage2 == main.stage("stage2")
 
 
+def test_the_packaged_schema_file_is_the_ontology(tmp_path: Path) -> None:
+    """launch/schema/m2e2_schema.json is what write_schema_file writes from rmpl_ds.ontology (regenerate it after
+    changing a definition or a role there)."""
+    from rmpl_ds.sources.schema import write_schema_file
+
+    written = write_schema_file(tmp_path / "schema.json")
+    assert written.read_bytes() == (ROOT / "launch" / "schema" / "m2e2_schema.json").read_bytes()
+
+
 def test_joint_recipe() -> None:
     r, main = recipe("joint_qwen2vl_7b.yaml"), recipe(MAIN)
     assert r.stage("stage1") == main.stage("stage1")
@@ -290,3 +299,22 @@ def test_demo_variants_are_the_strategies_on_the_demo(name: str, full: str) -> N
         assert small.micro_batch == demo.stages[0].micro_batch
     assert variant.tasks == strategy.tasks
     assert {(k, v.converter) for k, v in variant.raw.items()} >= {(k, v.converter) for k, v in strategy.raw.items()}
+
+
+def test_a_pseudo_labelled_source_is_labelled_by_an_earlier_stage() -> None:
+    from rmpl_ds.config import ConfigError
+
+    path = RECIPE_DIR / "xmtl_qwen2vl_7b.yaml"
+    cases = {
+        "raw.pseudo.label_with=pseudo": "raw.pseudo.label_with: stage 'pseudo' must run before stage 'pseudo', the "
+        "first that reads 'pseudo'",
+        "raw.pseudo.label_with=nope": "raw.pseudo.label_with: must name the stage whose export labels the pairs, one "
+        "of ['mtl', 'pseudo']",
+        "raw.pseudo.threshold=0": "raw.pseudo.threshold: must be in (0, 1], got 0",
+        "raw.pairs.label_with=mtl": "raw.pairs.label_with: only a pseudo-labelled source (converter: pseudo) has a "
+        "labelling stage",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_recipe(path, [override])
+        assert message in str(error.value), override

@@ -200,6 +200,11 @@ def test_stage_run_logs_checkpoints_and_exports(reference: Path) -> None:
         for s in (step, step + 1):
             assert [metrics[s - 1]["loss_weights"][n] for n in STREAMS] == pytest.approx(before, rel=1e-12)
     assert metrics[4]["loss_weights"] != metrics[6]["loss_weights"]
+    for m in metrics:  # the weights enter the loss: the step's loss is the weighted mean of the per-sample losses
+        weighted = sum(
+            m["loss_weights"][n] * m["loss_by_stream"][n] * m["stream_counts"][n] for n in m["loss_by_stream"]
+        )
+        assert m["loss"] == pytest.approx(weighted / sum(m["stream_counts"].values()), rel=1e-5)
     assert all(sum(m["loss_weights"].values()) == pytest.approx(3.0) for m in metrics)
     # Over all steps the realized mixture is exactly 1:1:1 (32 slots -> 11/11/10).
     totals = {name: sum(m["stream_counts"][name] for m in metrics) for name in ("ace:t", "swig:i", "mnre:r")}

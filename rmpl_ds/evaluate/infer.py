@@ -535,6 +535,7 @@ def predict_m2e2(
     box_format: str = "native",
     limit: int | None = None,
     oracle_types: bool = False,
+    schema_guided: bool = False,
 ) -> tuple[Predictions, InferenceStats]:
     """All predictions of a loaded model on M2E2 in this process (one rank); see the module docstring."""
     plan = plan_items(gold, images_dir, settings, limit)
@@ -546,6 +547,7 @@ def predict_m2e2(
         max_new_tokens=max_new_tokens,
         box_format=box_format,
         oracle_types=oracle_types,
+        schema_guided=schema_guided,
     )
     return finish_predictions(plan, lines), stats
 
