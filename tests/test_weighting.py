@@ -118,3 +118,25 @@ def test_recipe_validation_of_loss_weighting() -> None:
     assert "stages[1].loss_weighting.window: must be > 0, got 0" in message
     assert "stages[1].loss_weighting.temperature: must be > 0, got -1" in message
     assert "stages[0].loss_weighting.kind: must be one of fixed, dwa; got 'x'" in message
+
+
+def test_the_new_options_at_their_defaults_keep_the_fingerprints_of_older_checkpoints_and_exports() -> None:
+    """A checkpoint or export made before loss_weighting and tasks.schema_guided existed still resumes and hands
+    off: at their defaults they are left out of the stage and lineage fingerprints (the shape older code hashed);
+    set, they change both."""
+    from rmpl_ds.config import fingerprint, load_recipe, to_dict
+    from rmpl_ds.handoff import lineage_fingerprint
+    from rmpl_ds.train import ELASTIC_KEYS, stage_fingerprint
+
+    recipe = load_recipe(DEMO_RECIPE)
+    older_stages = [{k: v for k, v in to_dict(stage).items() if k != "loss_weighting"} for stage in recipe.stages]
+    older_tasks = {k: v for k, v in to_dict(recipe.tasks).items() if k != "schema_guided"}
+    older = {"model": recipe.model, "sources": recipe.sources, "tasks": older_tasks, "stages": older_stages}
+    assert lineage_fingerprint(recipe, "stage2") == fingerprint(older)
+    stage1 = {k: v for k, v in older_stages[0].items() if k not in ELASTIC_KEYS}
+    assert stage_fingerprint(recipe.stage("stage1")) == fingerprint(stage1)  # stage1 trains on [train]
+    for override in ("stages.stage2.loss_weighting.kind=dwa", "tasks.schema_guided=true"):
+        changed = load_recipe(DEMO_RECIPE, [override])
+        assert lineage_fingerprint(changed, "stage2") != lineage_fingerprint(recipe, "stage2"), override
+    dwa = load_recipe(DEMO_RECIPE, ["stages.stage2.loss_weighting.kind=dwa"])
+    assert stage_fingerprint(dwa.stage("stage2")) != stage_fingerprint(recipe.stage("stage2"))
