@@ -112,10 +112,10 @@ def build_source(recipe: Recipe, name: str, *, run_dir: Path | None = None, gpus
     from rmpl_ds.commands.shards import build
 
     shard_dir = recipe.sources[name]
-    if (Path(shard_dir) / "manifest.json").is_file():
+    raw = recipe.raw.get(name)
+    if (Path(shard_dir) / "manifest.json").is_file() and not _stale_pseudo_labels(recipe, name, run_dir):
         log.info("shards %s: reusing %s", name, shard_dir)
         return
-    raw = recipe.raw.get(name)
     if raw is None:
         raise UserError(
             f"sources.{name}: no shards at {shard_dir} and no raw.{name} entry to build them from; "
@@ -134,6 +134,24 @@ def build_source(recipe: Recipe, name: str, *, run_dir: Path | None = None, gpus
     )
     if code != 0:
         raise UserError(f"sources.{name}: no record of {raw.input} could be converted (see {shard_dir}/manifest.json)")
+
+
+def _stale_pseudo_labels(recipe: Recipe, name: str, run_dir: Path | None) -> bool:
+    """Whether source ``name`` is a pseudo-labelled set that another export than its ``label_with`` stage's current
+    one labelled (the stage was trained again): such a set is labelled again."""
+    from rmpl_ds.pseudo import export_digest
+    from rmpl_ds.shards import read_manifest
+
+    raw = recipe.raw.get(name)
+    if raw is None or raw.converter != "pseudo":
+        return False
+    labelled_by = (read_manifest(Path(recipe.sources[name])).get("model") or {}).get("export_manifest_sha256")
+    current = export_digest(handoff.export_path((run_dir or recipe.out_dir()) / str(raw.label_with)))
+    if labelled_by == current:
+        return False
+    log.warning("shards %s: labelled by another export than stage %s's current one; labelling again", name,
+                raw.label_with)  # fmt: skip
+    return True
 
 
 def pseudo_label_source(recipe: Recipe, name: str, *, run_dir: Path, gpus: int) -> None:

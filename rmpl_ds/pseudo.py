@@ -510,7 +510,8 @@ class _Run:
         return results
 
 
-def _export_digest(model_dir: Path) -> str | None:
+def export_digest(model_dir: Path) -> str | None:
+    """sha256 of a stage export's manifest (which seals its files), None for a directory that is not one."""
     manifest = model_dir / _EXPORT_MANIFEST
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
 
@@ -631,7 +632,7 @@ def pseudo_label(
             "family": source.family,
             "weights": str(source.weights),
             "adapter": str(source.adapter) if source.adapter else None,
-            "export_manifest_sha256": _export_digest(Path(model_dir)),
+            "export_manifest_sha256": export_digest(Path(model_dir)),
             "box_format": box_format,
             "schema_guided": schema_guided,
         },

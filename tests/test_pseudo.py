@@ -29,6 +29,7 @@ from rmpl_ds.pseudo import (
     Decision,
     PairItem,
     decide,
+    export_digest,
     label_pairs,
     load_pairs,
 )
@@ -428,3 +429,26 @@ def test_rank_shares_merged_by_index_equal_one_rank(pairs_shards: Path) -> None:
         key=lambda result: result.index,
     )
     assert [result.to_json() for result in merged] == [result.to_json() for result in label(items)]
+
+
+def test_the_pipeline_labels_a_pseudo_set_again_when_its_labelling_stage_was_retrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pseudo-labelled source is reused only while the export that labelled it is its stage's current one (the
+    manifest's export_manifest_sha256); a retrained stage's export labels it again."""
+    from rmpl_ds import pipeline, shards
+    from rmpl_ds.config import load_recipe
+
+    recipe_path = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo_xmtl.yaml"
+    recipe = load_recipe(recipe_path, [f"sources.pseudo={tmp_path / 'pseudo'}"])
+    export = tmp_path / "run" / "mtl" / "export"
+    export.mkdir(parents=True)
+    (export / "rmpl_export.json").write_text('{"step": 400}')
+    labelled_by: dict[str, str | None] = {"digest": export_digest(export)}
+    monkeypatch.setattr(shards, "read_manifest", lambda _: {"model": {"export_manifest_sha256": labelled_by["digest"]}})
+    assert not pipeline._stale_pseudo_labels(recipe, "pseudo", tmp_path / "run")
+    (export / "rmpl_export.json").write_text('{"step": 300}')  # the stage ran again
+    assert pipeline._stale_pseudo_labels(recipe, "pseudo", tmp_path / "run")
+    labelled_by["digest"] = None  # labelled by a plain model directory, not this stage's export
+    assert pipeline._stale_pseudo_labels(recipe, "pseudo", tmp_path / "run")
+    assert not pipeline._stale_pseudo_labels(recipe, "ace", tmp_path / "run")  # not a pseudo source
