@@ -283,6 +283,11 @@ class Recipe:
     def out_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
 
+    def source_at(self, directory: str | os.PathLike[str]) -> str | None:
+        """The source whose shard directory is ``directory`` (paths compared normalized), or None."""
+        wanted = os.path.normpath(directory)
+        return next((name for name, path in self.sources.items() if os.path.normpath(path) == wanted), None)
+
 
 # --------------------------------------------------------------------------------------------- batch arithmetic
 
@@ -894,6 +899,21 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# Options added after checkpoints and exports were first written, with their defaults: at the default they are left
+# out of what is fingerprinted (rmpl_ds.train.stage_fingerprint, rmpl_ds.handoff.lineage_fingerprint), so that the
+# checkpoints and exports made before they existed still resume and hand off.
+LATER_DEFAULTS: dict[str, Any] = {
+    "loss_weighting": to_dict(LossWeightingConfig()),  # StageConfig
+    "schema_guided": TasksConfig.schema_guided,  # TasksConfig
+}
+
+
+def fingerprinted(obj: Any) -> dict[str, Any]:
+    """A stage's or the tasks section's settings as :func:`fingerprint` hashes them: :func:`to_dict` without the
+    options of :data:`LATER_DEFAULTS` that are at their defaults."""
+    return {k: v for k, v in to_dict(obj).items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 def fingerprint(obj: Any) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from rmpl_ds import atomic
 from rmpl_ds.checkpoint import file_hashes
-from rmpl_ds.config import LossWeightingConfig, Recipe, fingerprint, to_dict
+from rmpl_ds.config import Recipe, fingerprint, fingerprinted
 from rmpl_ds.errors import UserError
 
 MANIFEST = "rmpl_export.json"
@@ -38,17 +38,9 @@ def lineage(recipe: Recipe, stage_name: str) -> list[str]:
 
 def lineage_fingerprint(recipe: Recipe, stage_name: str) -> str:
     """What an export of ``stage_name`` depends on: the base model, the sources, how targets are written and its
-    stages' settings. Options added later are left out at their defaults (``tasks.schema_guided: false``, a
-    stage's fixed ``loss_weighting``), so that exports made before they existed stay valid."""
-    tasks = to_dict(recipe.tasks)
-    if not tasks["schema_guided"]:
-        del tasks["schema_guided"]
-    stages = []
-    for name in lineage(recipe, stage_name):
-        settings = to_dict(recipe.stage(name))
-        if settings["loss_weighting"] == to_dict(LossWeightingConfig()):
-            del settings["loss_weighting"]
-        stages.append(settings)
+    stages' settings (options added later left out at their defaults: :func:`~rmpl_ds.config.fingerprinted`)."""
+    stages = [fingerprinted(recipe.stage(name)) for name in lineage(recipe, stage_name)]
+    tasks = fingerprinted(recipe.tasks)
     return fingerprint({"model": recipe.model, "sources": recipe.sources, "tasks": tasks, "stages": stages})
 
 

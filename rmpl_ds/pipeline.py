@@ -160,14 +160,10 @@ def pseudo_label_source(recipe: Recipe, name: str, *, run_dir: Path, gpus: int) 
     raw = recipe.raw[name]
     pairs = Path(raw.input)
     if not (pairs / "manifest.json").is_file():
-        makers = [
-            other
-            for other, path in recipe.sources.items()
-            if os.path.normpath(path) == os.path.normpath(pairs) and other in recipe.raw
-        ]
-        if not makers:
+        maker = recipe.source_at(pairs)
+        if maker not in recipe.raw:
             raise UserError(f"raw.{name}.input: no shard set of unlabeled pairs at {pairs}, and no source builds it")
-        build_source(recipe, makers[0], run_dir=run_dir, gpus=gpus)
+        build_source(recipe, maker, run_dir=run_dir, gpus=gpus)
     export = handoff.export_path(run_dir / str(raw.label_with))
     handoff.verify_export(export, recipe, str(raw.label_with))
     command = [

@@ -145,14 +145,6 @@ def _init_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) 
     return problems
 
 
-def _built_by_pipeline(recipe: Recipe, directory: str) -> bool:
-    """Whether ``directory`` is the shard set of a source the pipeline can build (it has a ``raw`` entry)."""
-    return any(
-        os.path.normpath(path) == os.path.normpath(directory) and name in recipe.raw
-        for name, path in recipe.sources.items()
-    )
-
-
 def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope) -> list[str]:
     from rmpl_ds.chat import stream_problems
     from rmpl_ds.shards import ShardSet, read_manifest, verify_shards
@@ -171,7 +163,7 @@ def _shard_problems(recipe: Recipe, stages: Sequence[StageConfig], scope: Scope)
                     f"{converter} --input ... --out {directory}`{how}"
                 )
                 continue
-            if raw.converter == "pseudo" and _built_by_pipeline(recipe, raw.input):
+            if raw.converter == "pseudo" and recipe.source_at(raw.input) in recipe.raw:
                 continue  # the unlabeled pairs' set, built from its own raw entry first
             if not Path(raw.input).exists():
                 problems.append(f"raw.{source}.input: {raw.input} does not exist (the {raw.converter} data to build)")

@@ -50,7 +50,7 @@ import torch
 
 from rmpl_ds import checkpoint, dist, engine, handoff
 from rmpl_ds.collate import model_inputs
-from rmpl_ds.config import LossWeightingConfig, Recipe, StageConfig, batch_plan, fingerprint, load_recipe, to_dict
+from rmpl_ds.config import Recipe, StageConfig, batch_plan, fingerprint, fingerprinted, load_recipe
 from rmpl_ds.dev_eval import BestTracker, DevSet
 from rmpl_ds.ds_config import fill, recipe_ds_config, zero_stage
 from rmpl_ds.errors import USER_ERROR_EXIT, UserError
@@ -656,12 +656,10 @@ ELASTIC_KEYS = ("micro_batch", "checkpoint_every", "keep_last", "max_bad_steps",
 
 
 def stage_fingerprint(stage: StageConfig) -> str:
-    settings = {k: v for k, v in to_dict(stage).items() if k not in ELASTIC_KEYS}
-    # Defaults of options added later are left out, so that the fingerprints of older checkpoints stay valid.
+    settings = {k: v for k, v in fingerprinted(stage).items() if k not in ELASTIC_KEYS}
+    # Left out at its default too, as older checkpoints were hashed (exports always included it).
     if not settings["train_splits"]:  # the default: every record
         del settings["train_splits"]
-    if settings["loss_weighting"] == to_dict(LossWeightingConfig()):
-        del settings["loss_weighting"]
     return fingerprint(settings)
 
 
