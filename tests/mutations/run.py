@@ -331,6 +331,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_train.py::test_stage_run_logs_checkpoints_and_exports",),
     ),
     Mutation(
+        "later_options_never_fingerprinted",
+        "a changed stage is refused on resume and hand-off",
+        "rmpl_ds/config.py",
+        "if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}",
+        "if k not in LATER_DEFAULTS}",
+        "turning DWA or schema-guided prompts on leaves the checkpoint and export fingerprints unchanged",
+        (
+            "tests/test_weighting.py::"
+            "test_the_new_options_at_their_defaults_keep_the_fingerprints_of_older_checkpoints_and_exports",
+        ),
+    ),
+    Mutation(
         "pseudo_keeps_disagreeing_pairs",
         "pseudo-labels keep only pairs whose caption and image agree",
         "rmpl_ds/pseudo.py",
